@@ -1,0 +1,127 @@
+"""BLIP task models (retrieval/ITM, captioner) and the factory that builds any model from its config.
+
+Module trees and parameter names follow the official code so official ``.pth`` files map key for key.
+The pretraining model lives in ``blip_pretrain.py``, VQA and NLVR2 in their own files.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastblip.config import ModelConfig
+from fastblip.models.base import BlipBase, CaptionMixin, ContrastiveMixin
+from fastblip.models.med import BertLMHeadModel, BertModel
+
+
+class BlipRetrieval(ContrastiveMixin, BlipBase):
+    """Image-text retrieval / ITM filter: ViT + text encoder (with cross-attention) + projections + ITM head.
+
+    With ``momentum=True`` (the COCO/Flickr finetuning layout) it also carries the momentum encoders and the
+    feature queues (row-major (Q, D) here; the official files store (D, Q) and are transposed on import).
+    """
+
+    kind = "retrieval"
+
+    def __init__(self, cfg: ModelConfig, momentum: bool = True):
+        super().__init__(cfg)
+        vw, tw = cfg.vision.width, cfg.text.hidden_size
+        self.text_encoder = BertModel(cfg.text, encoder_width=vw)
+        self.vision_proj = nn.Linear(vw, cfg.embed_dim)
+        self.text_proj = nn.Linear(tw, cfg.embed_dim)
+        self.itm_head = nn.Linear(tw, 2)
+        self.temp = nn.Parameter(torch.tensor(cfg.temp))
+        self.has_momentum = momentum
+        if momentum:
+            add_momentum_and_queues(self, cfg, idx_queue=True)
+        self.set_backends()
+
+
+class BlipCaption(CaptionMixin, BlipBase):
+    """Captioner: ViT + causal decoder with cross-attention and the LM head (official ``BLIP_Decoder``)."""
+
+    kind = "caption"
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.text_decoder = BertLMHeadModel(cfg.text, encoder_width=cfg.vision.width)
+        self.set_backends()
+
+    def forward(self, pixel_values, input_ids, attention_mask, prompt_len: int = 0) -> dict:
+        """Captioning LM loss: [DEC] first, pads and the prompt masked (-100), label smoothing of the config."""
+        from fastblip.ops import lm_cross_entropy
+
+        ids = self._with_first(input_ids, self.cfg.text.bos_token_id)
+        image = self.text_decoder.bert.image_kv(self.encode_image(pixel_values))
+        hidden = self.text_decoder.hidden(ids, attention_mask, image)
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        if prompt_len:
+            labels[:, :prompt_len] = -100
+        h = self.text_decoder.head_hidden(hidden[:, :-1])
+        head = self.text_decoder.cls.predictions
+        loss = lm_cross_entropy(h.reshape(-1, h.shape[-1]), head.decoder.weight, head.bias,
+                                labels[:, 1:].reshape(-1), label_smoothing=self.cfg.text.label_smoothing,
+                                backend=self.cfg.ops_backend)
+        return {"lm_loss": loss, "loss": loss}
+
+
+MOMENTUM_PAIRS = (("visual_encoder", "visual_encoder_m"), ("vision_proj", "vision_proj_m"),
+                  ("text_encoder", "text_encoder_m"), ("text_proj", "text_proj_m"))
+
+
+def add_momentum_and_queues(model: nn.Module, cfg: ModelConfig, idx_queue: bool = False) -> None:
+    """Momentum copies (no grad) + normalised random feature queues, as the official __init__ builds them."""
+    for src, dst in MOMENTUM_PAIRS:
+        m = copy.deepcopy(getattr(model, src))
+        for p in m.parameters():
+            p.requires_grad_(False)
+        setattr(model, dst, m)
+    Q, D = cfg.queue_size, cfg.embed_dim
+    model.register_buffer("image_queue", F.normalize(torch.randn(Q, D), dim=1))
+    model.register_buffer("text_queue", F.normalize(torch.randn(Q, D), dim=1))
+    if idx_queue:
+        model.register_buffer("idx_queue", torch.full((Q,), -100, dtype=torch.long))
+        model.register_buffer("ptr_queue", torch.zeros(1, dtype=torch.long))
+    else:
+        model.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+
+def momentum_pairs(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(momentum params, online params) in matching order, for the fused foreach update."""
+    pm, po = [], []
+    for src, dst in MOMENTUM_PAIRS:
+        for (n1, p), (n2, q) in zip(getattr(model, src).named_parameters(), getattr(model, dst).named_parameters(),
+                                    strict=True):
+            assert n1 == n2
+            po.append(p)
+            pm.append(q)
+    return pm, po
+
+
+def build_model(cfg: ModelConfig) -> BlipBase:
+    """Build the task model named by ``cfg.kind`` (random init)."""
+    kind = cfg.kind
+    if kind == "pretrain":
+        from fastblip.models.blip_pretrain import BlipPretrain
+
+        return BlipPretrain(cfg)
+    if kind == "retrieval":
+        return BlipRetrieval(cfg, momentum=True)
+    if kind == "itm":
+        m = BlipRetrieval(cfg, momentum=False)
+        m.kind = "itm"
+        return m
+    if kind == "caption":
+        return BlipCaption(cfg)
+    if kind == "vqa":
+        from fastblip.models.blip_vqa import BlipVQA
+
+        return BlipVQA(cfg)
+    if kind == "nlvr":
+        from fastblip.models.blip_nlvr import BlipNLVR
+
+        return BlipNLVR(cfg)
+    raise ValueError(f"unknown model kind '{kind}' (valid: pretrain, retrieval, itm, caption, vqa, nlvr)")
