@@ -1,7 +1,9 @@
-"""BLIP task models (retrieval/ITM, captioner) and the factory that builds any model from its config.
+"""The BLIP captioner, the momentum/queue helpers, and the factory that builds any model from its config.
 
 Module trees and parameter names follow the official code so official ``.pth`` files map key for key.
-The pretraining model lives in ``blip_pretrain.py``, VQA and NLVR2 in their own files.
+The pretraining model lives in ``blip_pretrain.py``, retrieval/ITM in ``blip_retrieval.py``, VQA and NLVR2 in
+their own files. Every trainable model has ``training_forward(batch, alpha) -> dict`` of ``*_loss`` terms
+plus ``loss`` (their sum), which the trainer calls.
 """
 
 from __future__ import annotations
@@ -13,31 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastblip.config import ModelConfig
-from fastblip.models.base import BlipBase, CaptionMixin, ContrastiveMixin
-from fastblip.models.med import BertLMHeadModel, BertModel
-
-
-class BlipRetrieval(ContrastiveMixin, BlipBase):
-    """Image-text retrieval / ITM filter: ViT + text encoder (with cross-attention) + projections + ITM head.
-
-    With ``momentum=True`` (the COCO/Flickr finetuning layout) it also carries the momentum encoders and the
-    feature queues (row-major (Q, D) here; the official files store (D, Q) and are transposed on import).
-    """
-
-    kind = "retrieval"
-
-    def __init__(self, cfg: ModelConfig, momentum: bool = True):
-        super().__init__(cfg)
-        vw, tw = cfg.vision.width, cfg.text.hidden_size
-        self.text_encoder = BertModel(cfg.text, encoder_width=vw)
-        self.vision_proj = nn.Linear(vw, cfg.embed_dim)
-        self.text_proj = nn.Linear(tw, cfg.embed_dim)
-        self.itm_head = nn.Linear(tw, 2)
-        self.temp = nn.Parameter(torch.tensor(cfg.temp))
-        self.has_momentum = momentum
-        if momentum:
-            add_momentum_and_queues(self, cfg, idx_queue=True)
-        self.set_backends()
+from fastblip.models.base import BlipBase, CaptionMixin
+from fastblip.models.med import BertLMHeadModel
 
 
 class BlipCaption(CaptionMixin, BlipBase):
@@ -66,6 +45,16 @@ class BlipCaption(CaptionMixin, BlipBase):
                                 labels[:, 1:].reshape(-1), label_smoothing=self.cfg.text.label_smoothing,
                                 backend=self.cfg.ops_backend)
         return {"lm_loss": loss, "loss": loss}
+
+    def training_forward(self, batch, alpha: float = 0.0) -> dict:
+        """Captioning finetune step: the batch's texts already start with the prompt ("a picture of ")."""
+        return self(batch.pixel_values, batch.input_ids, batch.attention_mask, prompt_len=self.prompt_len())
+
+    def prompt_len(self) -> int:
+        """Number of prompt tokens masked from the loss ([DEC] + prompt words, as the official code)."""
+        if not self.cfg.prompt:
+            return 0
+        return len(self.tokenizer.encode(self.cfg.prompt)) - 1
 
 
 MOMENTUM_PAIRS = (("visual_encoder", "visual_encoder_m"), ("vision_proj", "vision_proj_m"),
@@ -108,11 +97,11 @@ def build_model(cfg: ModelConfig) -> BlipBase:
         from fastblip.models.blip_pretrain import BlipPretrain
 
         return BlipPretrain(cfg)
-    if kind == "retrieval":
-        return BlipRetrieval(cfg, momentum=True)
-    if kind == "itm":
-        m = BlipRetrieval(cfg, momentum=False)
-        m.kind = "itm"
+    if kind in ("retrieval", "itm"):
+        from fastblip.models.blip_retrieval import BlipRetrieval
+
+        m = BlipRetrieval(cfg, momentum=kind == "retrieval")
+        m.kind = kind
         return m
     if kind == "caption":
         return BlipCaption(cfg)
