@@ -1,0 +1,53 @@
+"""``python -m benchmarks [pretrain|capfilt|data|kernels|all] [--device cpu|cuda] [--size tiny|base|large]``.
+
+Runs each suite (fastblip and its reference path in the same process), prints a markdown table and writes
+JSON + markdown under ``benchmarks/results/`` (``--plot`` adds a PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+
+from benchmarks.common import environment, markdown_table, plot, write_results
+
+SUITES = ("kernels", "pretrain", "capfilt", "data")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    p.add_argument("suite", nargs="?", default="all", choices=SUITES + ("all",))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--size", default="tiny", choices=("tiny", "base", "large"))
+    p.add_argument("--plot", action="store_true", help="also write a PNG bar chart per suite")
+    p.add_argument("--no-write", action="store_true", help="print only; write nothing under results/")
+    args = p.parse_args(argv)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("--device cuda requested but no CUDA device is available", file=sys.stderr)
+            return 2
+    env = environment(args.device)
+    failed = 0
+    for suite in SUITES if args.suite == "all" else (args.suite,):
+        try:
+            rows = importlib.import_module(f"benchmarks.{suite}").run(device=args.device, size=args.size)
+        except Exception as e:  # a suite that breaks is reported, and the others still run
+            traceback.print_exc()
+            rows, failed = [{"suite": suite, "error": f"{type(e).__name__}: {e}"}], failed + 1
+        print(f"\n## {suite} ({args.size}, {env.get('gpu', args.device)}, torch {env['torch']}, "
+              f"triton {env['triton']}, {env['date']})\n")
+        print(markdown_table(rows))
+        if not args.no_write:
+            path = write_results(suite, rows, env, args.size)
+            print(f"\nwrote {path}")
+            if args.plot:
+                plot(rows, path.with_suffix(".png"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
