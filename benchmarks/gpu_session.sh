@@ -10,16 +10,16 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
 fi
 python3 -m pip install -q --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . 2>&1 | tail -2
 export PYTHONPATH=/tmp/site:$PWD
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$OUT/log.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/log.txt"
 IFS='|' read -ra STEPS <<< "${1:-tests}"
 for step in "${STEPS[@]}"; do
   case "$step" in
-    tests)  python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
-    tests:*) python3 -m pytest -q -x -p no:cacheprovider ${step#tests:} 2>&1 | tee -a "$OUT/tests_extra.log" | tail -30 ;;
+    tests)  python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee -a "$OUT/log.txt" | tail -40 ;;
+    tests:*) python3 -m pytest -q -x -p no:cacheprovider ${step#tests:} 2>&1 | tee -a "$OUT/log.txt" | tail -30 ;;
     *:*)   suite=${step%%:*}; size=${step##*:}
-           python3 -m benchmarks "$suite" --device cuda --size "$size" 2>&1 | tee "$OUT/bench_${suite}_${size}.log" | tail -25 ;;
+           python3 -m benchmarks "$suite" --device cuda --size "$size" 2>&1 | tee -a "$OUT/log.txt" | tail -25 ;;
   esac
 done
-cp benchmarks/results/*.json benchmarks/results/*.md "$OUT/" 2>/dev/null
-ls "$OUT"
+tar czf "$OUT/results.tgz" benchmarks/results
+ls -la "$OUT"
