@@ -13,7 +13,7 @@ import traceback
 
 from benchmarks.common import environment, markdown_table, plot, write_results
 
-SUITES = ("kernels", "pretrain", "capfilt", "data")
+SUITES = ("kernels", "attention", "pretrain", "capfilt", "data")
 
 
 def main(argv: list[str] | None = None) -> int:
