@@ -46,7 +46,7 @@ def run(device: str = "cpu", size: str = "tiny") -> list[dict]:
             mask = torch.arange(Lk, device=device)[None] < lens[:, None]
         g = torch.randn(B, H, Lq, D, device=device, dtype=dtype)
 
-        def step(backend, ctx=None):
+        def step(backend, ctx=None, q=q, k=k, v=v, mask=mask, causal=causal, g=g):
             def fn():
                 q.grad = k.grad = v.grad = None
                 if ctx is None:
