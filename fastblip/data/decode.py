@@ -1,0 +1,115 @@
+"""Safe image decoding: every failure becomes a named reason, never an exception that stops a run.
+
+The official code sets ``ImageFile.LOAD_TRUNCATED_IMAGES = True`` and ``MAX_IMAGE_PIXELS = None``
+(BLIP_SPEC §7): half-decoded images train silently and one 50k×50k PNG exhausts a worker's memory.
+Here the header is read first and images over ``max_pixels`` are refused before any pixel is decoded;
+truncated and corrupt images are skipped and counted; CMYK, grayscale, 16-bit, palette and alpha
+images are converted to RGB (alpha dropped like ``Image.convert("RGB")`` in the official loader and
+DALI's RGB decode, so the two backends and the released models' preprocessing agree).
+EXIF orientation is not applied (neither the official code nor DALI's decoder applies it).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# 64 MP, e.g. 8000×8000: beyond any real photo in web datasets and ~200 MB of RGB; PIL's own warning
+# threshold is 89.5 MP and its hard error 179 MP, which a worker decoding in parallel should not reach.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Members that are images in a format the pipeline does not take (img2dataset never writes them).
+OTHER_IMAGE_EXTS = ("gif", "bmp", "tif", "tiff", "svg", "heic", "heif", "avif", "jxl", "ico", "psd")
+# Formats PIL may decode: what img2dataset writes (jpg/png/webp) plus what BLIP's JSON sets hold
+# (COCO/Flickr/VG are JPEG; MPO is a multi-picture JPEG from phone cameras).
+ALLOWED_FORMATS = {"JPEG", "MPO", "PNG", "WEBP"}
+
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"RIFF", b"GIF8", b"BM")
+
+SKIP_REASONS = (
+    "empty_image",
+    "corrupt_image",
+    "truncated_image",
+    "unsupported_format",
+    "decompression_bomb",
+    "missing_image",
+    "missing_text",
+    "empty_caption",
+    "bad_caption_encoding",
+    "missing_shard",
+    "truncated_tar",
+    "unreadable_shard",
+)
+
+
+class DecodeError(ValueError):
+    """An image that cannot be used; ``reason`` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def _to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
+    """RGB image and the source mode when a conversion happened (for the stats)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img, None
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # convert("RGB") clips 16-bit values to 255 (a white image); scale the range to 8 bits instead.
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if mode.startswith("I;16") else max(float(a.max()), 1.0)
+        a = np.clip(a * (255.0 / hi), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB"), mode
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB"), mode
+
+
+def decode_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str | None]:
+    """Decode bytes into an RGB PIL image; returns (image, converted_from_mode or None).
+
+    Raises DecodeError with the reason: empty_image, unsupported_format, corrupt_image, truncated_image,
+    decompression_bomb.
+    """
+    if data is None:
+        raise DecodeError("missing_image")
+    if len(data) == 0:
+        raise DecodeError("empty_image", "0 bytes")
+    known_magic = data[:12].startswith(_MAGIC) and (not data.startswith(b"RIFF") or data[8:12] == b"WEBP")
+    with warnings.catch_warnings():
+        # PIL's DecompressionBombWarning: we apply our own limit below.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:
+            raise DecodeError("decompression_bomb", str(e)) from None
+        except UnidentifiedImageError:
+            reason = "corrupt_image" if known_magic else "unsupported_format"
+            raise DecodeError(reason, f"{len(data)} bytes, header {data[:8]!r}") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DecodeError("corrupt_image", str(e)) from None
+        if img.format not in ALLOWED_FORMATS:
+            raise DecodeError("unsupported_format", str(img.format))
+        w, h = img.size
+        if w <= 0 or h <= 0:
+            raise DecodeError("corrupt_image", f"size {w}x{h}")
+        if w * h > max_pixels:
+            raise DecodeError("decompression_bomb", f"{w}x{h} > {max_pixels} pixels")
+        try:
+            img.load()
+        except OSError as e:
+            msg = str(e)
+            if "truncated" in msg or "broken data stream" in msg or "premature end" in msg.lower():
+                raise DecodeError("truncated_image", msg) from None
+            raise DecodeError("corrupt_image", msg) from None
+        except (SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+            raise DecodeError("corrupt_image", str(e)) from None
+    try:
+        return _to_rgb(img)
+    except (OSError, ValueError) as e:
+        raise DecodeError("corrupt_image", f"mode {img.mode}: {e}") from None

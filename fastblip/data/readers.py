@@ -1,0 +1,241 @@
+"""Sources: webdataset tar shards (img2dataset layout) and BLIP JSON annotation files.
+
+Source specs (``parse_sources``):
+- a shard spec string: a path, a URL the ``webdataset`` library opens (``http(s)://``, ``pipe:``, ...), a
+  brace pattern ``dir/web-{00000..00009}.tar``, or several joined by ``::``;
+- a BLIP JSON file: ``"path/ann.json"`` (images relative to the file's folder), ``"json:path/ann.json"`` or
+  ``"json:path/ann.json::IMAGE_ROOT"``, or a dict ``{"json": path, "image_root": root}``;
+- a list of any of these.
+
+A reader yields raw samples ``{"__key__", "__shard__", ext: bytes, ...}``; decoding happens later
+(``dataset.py``) so that a resumed run can skip samples without decoding them. Work is cut into *units*:
+one tar shard, or a slice of JSON items; units are what ranks and workers split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import webdataset as wds
+from webdataset.shardlists import expand_urls
+
+from .decode import IMAGE_EXTS, OTHER_IMAGE_EXTS
+
+
+class SourceError(ValueError):
+    """A data source that cannot be used at all."""
+
+
+@dataclass
+class JsonSource:
+    path: str
+    image_root: str
+    items: list[dict] = field(
+        default_factory=list
+    )  # {"image": abs path, "caption": str, "image_id": int, ...}
+    num_images: int = 0
+
+
+@dataclass
+class Sources:
+    shards: list[str] = field(default_factory=list)
+    json: list[JsonSource] = field(default_factory=list)
+
+    @property
+    def json_items(self) -> list[dict]:
+        return [it for s in self.json for it in s.items]
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def load_json_annotations(
+    path: str | Path, image_root: str | Path | None = None, flatten: bool = True
+) -> JsonSource:
+    """BLIP annotation file ``[{"image": relpath, "caption": str | [str], "image_id"?: ...}, ...]``.
+
+    ``flatten``: one item per (image, caption) as the official train sets do; else one per image with
+    all captions in ``captions`` and the first as ``caption`` (eval sets). Image ids: the file's
+    ``image_id`` when all are ints, else ids numbered by first appearance (official coco_karpathy_train).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"annotation file not found: {p}")
+    try:
+        anns = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SourceError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(anns, list) or not all(isinstance(a, dict) and "image" in a for a in anns):
+        raise SourceError(f"{p}: expected a JSON list of objects with an 'image' field")
+    root = Path(image_root) if image_root is not None else p.parent
+    raw_ids = [a.get("image_id", a["image"]) for a in anns]
+    use_raw = all(isinstance(x, int) and not isinstance(x, bool) for x in raw_ids)
+    id_map: dict = {}
+    items: list[dict] = []
+    for i, a in enumerate(anns):
+        rid = raw_ids[i]
+        image_id = rid if use_raw else id_map.setdefault(rid, len(id_map))
+        img = a["image"] if os.path.isabs(a["image"]) else str(root / a["image"])
+        caps = a.get("caption")
+        caps = caps if isinstance(caps, list) else [caps]
+        extra = {k: a[k] for k in ("noisy", "true_caption") if k in a}
+        if flatten:
+            for j, c in enumerate(caps):
+                items.append({"image": img, "caption": c, "image_id": image_id, "key": f"{i}_{j}", **extra})
+        else:
+            items.append(
+                {
+                    "image": img,
+                    "caption": caps[0],
+                    "captions": caps,
+                    "image_id": image_id,
+                    "key": str(i),
+                    **extra,
+                }
+            )
+    n_images = len(set(raw_ids))
+    return JsonSource(str(p), str(root), items, n_images)
+
+
+def parse_sources(sources, flatten_json: bool = True) -> Sources:
+    """Expand source specs into shard URLs and loaded JSON annotation sets."""
+    out = Sources()
+    if isinstance(sources, (str, dict, Path)):
+        sources = [sources]
+    if not sources:
+        raise SourceError("no data source given")
+    for s in sources:
+        if isinstance(s, dict):
+            if "json" not in s:
+                raise SourceError(f"a dict source needs a 'json' key, got {sorted(s)}")
+            out.json.append(load_json_annotations(s["json"], s.get("image_root"), flatten_json))
+            continue
+        s = str(s)
+        if s.startswith("json:"):
+            path, _, root = s[5:].partition("::")
+            out.json.append(load_json_annotations(path, root or None, flatten_json))
+        elif s.endswith(".json") and "{" not in s and "::" not in s:
+            out.json.append(load_json_annotations(s, None, flatten_json))
+        else:
+            out.shards.extend(expand_urls(s))
+    return out
+
+
+def shard_problem(url: str) -> str | None:
+    """For local shards: 'missing_shard' / 'unreadable_shard' when it cannot be a tar; None when fine."""
+    if not _is_local(url):
+        return None
+    p = Path(url.removeprefix("file:"))
+    if not p.is_file():
+        return "missing_shard"
+    try:
+        with open(p, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return "unreadable_shard"
+    if len(head) < 512:
+        return "unreadable_shard"
+    return None
+
+
+def preflight(src: Sources) -> dict:
+    """Fail before any work when nothing is readable; report the listed shards that are not."""
+    problems = {u: r for u in src.shards if (r := shard_problem(u))}
+    readable_shards = [u for u in src.shards if u not in problems]
+    json_ok = 0
+    for js in src.json:
+        # A handful of images tells a wrong image_root apart from a few missing files.
+        probe = js.items[:: max(1, len(js.items) // 16)][:16]
+        json_ok += sum(os.path.isfile(it["image"]) for it in probe)
+    if not readable_shards and not json_ok:
+        what = [f"{u} ({r})" for u, r in list(problems.items())[:3]] + [
+            f"{js.path} (no image found under {js.image_root})" for js in src.json
+        ]
+        raise SourceError("nothing readable in the data source: " + "; ".join(what))
+    return {"missing_or_unreadable_shards": problems}
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """webdataset's convention: key = path up to the first '.' of the basename; ext = the rest, lowercased."""
+    d, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{d}/{stem}" if d else stem), ext.lower()
+
+
+def iter_tar(url: str, counts: dict) -> Iterator[dict]:
+    """Samples of one shard, members grouped by key. Problems are counted in ``counts`` (reason → n)."""
+    problem = shard_problem(url)
+    if problem:
+        counts[problem] = counts.get(problem, 0) + 1
+        return
+    try:
+        stream = wds.gopen(url)
+    except (OSError, ValueError):
+        reason = "missing_shard" if _is_local(url) else "unreadable_shard"
+        counts[reason] = counts.get(reason, 0) + 1
+        return
+    current: dict | None = None
+    n_members = 0
+    reading = None  # key of the member being read: an error there leaves that sample incomplete
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tf:
+            for info in tf:
+                n_members += 1  # a parsed header: the file is a tar, so a later error is truncation
+                if not info.isreg():
+                    continue
+                key, ext = _split_key(info.name)
+                if key.startswith("__") or not ext:
+                    continue
+                reading = key
+                data = tf.extractfile(info).read()
+                if len(data) != info.size:
+                    raise EOFError("member cut off")
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__shard__": url}
+                current[ext] = data
+                tf.members = []  # streaming: do not keep every TarInfo of a 10k-sample shard
+    except (tarfile.TarError, EOFError, OSError, zlib.error):
+        reason = "truncated_tar" if n_members else "unreadable_shard"
+        counts[reason] = counts.get(reason, 0) + 1
+        if current is not None and current["__key__"] == reading:
+            current = None  # the sample being read when the tar ended is incomplete
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+    if current is not None:
+        yield current
+
+
+def split_sample(sample: dict) -> tuple[bytes | None, str | None, bytes | None, dict, str | None]:
+    """(image bytes, image ext, caption bytes, json meta, problem) of a raw tar sample."""
+    meta: dict = {}
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+            meta = meta if isinstance(meta, dict) else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = {}
+    img, img_ext = None, None
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            img, img_ext = sample[ext], ext
+            break
+    problem = None
+    if img is None:
+        problem = "unsupported_format" if any(e in sample for e in OTHER_IMAGE_EXTS) else "missing_image"
+    cap = sample.get("txt")
+    if cap is None and "caption" in meta:
+        c = meta["caption"]
+        cap = c.encode("utf-8") if isinstance(c, str) else None
+    return img, img_ext, cap, meta, problem
