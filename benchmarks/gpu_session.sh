@@ -8,6 +8,8 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
+# `python -m` puts the repo root first on sys.path, where fastblip/ has no kernels/: link it for this copy
+[ -e fastblip/kernels ] || ln -s ../kernels fastblip/kernels
 python3 -m pip install -q --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . 2>&1 | tail -2
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$OUT/log.txt"

@@ -1,0 +1,36 @@
+"""Indexed cross-attention over per-image K/V shared by several text rows (DESIGN §4.3).
+
+Legend: N text rows, M images, H heads, Lq text tokens, Lk image tokens, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastblip.ops._backend import resolve_backend
+
+
+def cross_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index: torch.Tensor,
+                              key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Gather each row's image K/V, then the official explicit softmax(QK^T / sqrt(D) + mask) V, with the
+    BERT extended-mask convention: masked keys get -10000 added (models/med.py get_extended_attention_mask)."""
+    k_NHLD, v_NHLD = k[kv_index], v[kv_index]  # (N, H, Lk, D)
+    scores = q @ k_NHLD.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (N, H, Lq, Lk)
+    if key_padding_mask is not None:
+        bias_NK = (1.0 - key_padding_mask[kv_index].to(scores.dtype)) * -10000.0
+        scores = scores + bias_NK[:, None, None, :]
+    return torch.softmax(scores, dim=-1) @ v_NHLD
+
+
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index: torch.Tensor,
+                    key_padding_mask: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+    """q (N,H,Lq,D) attends to k, v (M,H,Lk,D) of image ``kv_index[n]`` (kv_index (N,) int64);
+    key_padding_mask (M, Lk) bool, True = attend. Returns (N,H,Lq,D); grads accumulate into k, v per image."""
+    which = resolve_backend("cross_attention", backend, q, k, v)
+    if which == "triton":
+        from fastblip.kernels.cross_attention import cross_attention_triton
+
+        return cross_attention_triton(q, k, v, kv_index, key_padding_mask)
+    return cross_attention_reference(q, k, v, kv_index, key_padding_mask)

@@ -1,0 +1,127 @@
+"""ITM hard-negative sampling: the Gumbel-max kernel against the reference's probabilities.
+
+Statistical test: many identical rows give many independent draws from one distribution; a chi-square
+goodness-of-fit test against softmax + eps with positives zeroed must not reject at p < 1e-4 (fixed seeds,
+so the test is deterministic; a sampler off by a few percent on a 0.2-probability column fails it).
+"""
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from fastblip.kernels import INTERPRET
+from fastblip.ops import sample_hard_negatives, sample_hard_negatives_reference
+from fastblip.ops.sampling import negative_weights
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _skip_cpu_without_interpreter(device):
+    if device == "cpu" and not INTERPRET:
+        pytest.skip("triton on CPU needs TRITON_INTERPRET=1")
+
+
+def _gen(device, seed):
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("eps", [1e-4, 0.0])
+def test_sampling_frequencies_match_weights(device, backend, eps):
+    if backend == "triton":
+        _skip_cpu_without_interpreter(device)
+    R, C = 1500, 13
+    g = torch.Generator().manual_seed(5)
+    row_a = torch.randn(C, generator=g) * 1.5
+    row_b = torch.randn(C, generator=g) * 1.5
+    sim_i2t, sim_t2i = row_a.expand(R, C).to(device), row_b.expand(R, C).to(device)
+    idx = torch.zeros(R, dtype=torch.long, device=device)
+    idx_all = torch.tensor([0, 1, 2, 0, 3, 4, 5, 6, 7, 0, 8, 9, 10], device=device)
+    neg_img, neg_txt = sample_hard_negatives(sim_i2t, sim_t2i, idx, idx_all, eps=eps,
+                                             generator=_gen(device, 11), backend=backend)
+    for draws, sim in ((neg_img, sim_t2i), (neg_txt, sim_i2t)):
+        w = negative_weights(sim[:1], idx[:1], idx_all, eps)[0].cpu().double()
+        p = w / w.sum()
+        counts = torch.bincount(draws.cpu(), minlength=C).double()
+        assert counts[p == 0].sum() == 0, "a positive (zero-weight) column was drawn"
+        keep = p > 0
+        res = chisquare(counts[keep].numpy(), (p[keep] * R).numpy())
+        assert res.pvalue > 1e-4, f"chi-square rejects: p={res.pvalue:.2e}, counts {counts.tolist()}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("use_idx", [False, True])
+def test_never_a_positive(device, use_idx):
+    _skip_cpu_without_interpreter(device)
+    B = 9
+    C = 23 if use_idx else B
+    g = torch.Generator().manual_seed(7)
+    idx = idx_all = None
+    if use_idx:
+        idx = torch.randint(0, 5, (B,), generator=g).to(device)
+        idx_all = torch.randint(0, 5, (C,), generator=g).to(device)
+        idx_all[:B] = idx  # every row has at least its own column positive
+    for seed in range(6):
+        # make positives the most similar columns: the weights then push hardest towards them
+        sim_i2t = torch.randn(B, C, generator=g).to(device) * 3
+        sim_t2i = torch.randn(B, C, generator=g).to(device) * 3
+        pos = (torch.eye(B, C, dtype=torch.bool, device=device) if idx is None
+               else idx[:, None] == idx_all[None, :])
+        sim_i2t, sim_t2i = sim_i2t + 20 * pos, sim_t2i + 20 * pos
+        a, b = sample_hard_negatives(sim_i2t, sim_t2i, idx, idx_all, eps=1e-4, generator=_gen(device, seed),
+                                     backend="triton")
+        for draws in (a, b):
+            assert draws.dtype == torch.int64 and draws.shape == (B,)
+            assert ((draws >= 0) & (draws < C)).all()
+            assert not pos[torch.arange(B, device=device), draws].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reproducible_and_seed_dependent(device):
+    _skip_cpu_without_interpreter(device)
+    B = 40
+    s1, s2 = torch.randn(B, B, device=device), torch.randn(B, B, device=device)
+    a = sample_hard_negatives(s1, s2, generator=_gen(device, 3), backend="triton")
+    b = sample_hard_negatives(s1, s2, generator=_gen(device, 3), backend="triton")
+    c = sample_hard_negatives(s1, s2, generator=_gen(device, 4), backend="triton")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not (torch.equal(a[0], c[0]) and torch.equal(a[1], c[1]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_row_without_negative_returns_argmax(device, backend):
+    """Documented fallback: every column positive -> the row's argmax column, no NaN, in range."""
+    if backend == "triton":
+        _skip_cpu_without_interpreter(device)
+    B, C = 5, 7
+    sim = torch.randn(B, C, device=device)
+    idx = torch.tensor([0, 0, 1, 2, 0], device=device)
+    idx_all = torch.zeros(C, dtype=torch.long, device=device)  # rows with id 0 have only positives
+    a, b = sample_hard_negatives(sim, sim, idx, idx_all, eps=0.0, generator=_gen(device, 0), backend=backend)
+    no_neg = idx == 0
+    assert torch.equal(a[no_neg], sim.argmax(1)[no_neg]) and torch.equal(b[no_neg], sim.argmax(1)[no_neg])
+    one = torch.randn(1, 1, device=device)  # B = 1 without ids: the only column is the diagonal
+    a, b = sample_hard_negatives(one, one, generator=_gen(device, 0), backend=backend)
+    assert a.tolist() == [0] and b.tolist() == [0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_extreme_similarities_no_nan(device):
+    """eps = 0 with logits spread over 1e4: softmax underflows to 0 for most columns; those are never drawn
+    (as with multinomial) and the draw stays in range."""
+    _skip_cpu_without_interpreter(device)
+    B = 6
+    sim = torch.linspace(-5000, 5000, B * B, device=device).reshape(B, B)
+    a, b = sample_hard_negatives(sim, sim, eps=0.0, generator=_gen(device, 1), backend="triton")
+    ra, rb = sample_hard_negatives_reference(sim, sim, eps=0.0, generator=_gen(device, 1))
+    # each row's largest off-diagonal column carries all the mass: both backends must pick it
+    assert torch.equal(a, ra) and torch.equal(b, rb)
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match="C must equal B"):
+        sample_hard_negatives(torch.randn(3, 5), torch.randn(3, 5), backend="triton")
+    with pytest.raises(ValueError, match="both"):
+        sample_hard_negatives(torch.randn(3, 3), torch.randn(3, 4), backend="triton")
