@@ -1,0 +1,143 @@
+"""Checkpoint interop: ``load`` (format detected), ``save`` (fastblip | official | hf), ``convert``.
+
+Formats (DESIGN §3):
+- fastblip dir: ``fastblip.json`` (config + ``format_version``), ``model.safetensors`` (tied tensors once),
+  tokenizer files.
+- official BLIP ``.pth``: ``{"model": sd}`` or a bare state dict, kind and config inferred from keys/shapes
+  (``official.py``), or our config from its ``"fastblip_config"`` key when present.
+- HF transformers ``save_pretrained`` dir of BlipForConditionalGeneration / BlipForImageTextRetrieval /
+  BlipForQuestionAnswering (``hf.py``).
+- a released name (``"model_base_capfilt_large"``) or URL: downloaded and cached by torch.hub when online.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+
+from fastblip.checkpoints import hf, official
+from fastblip.checkpoints.io import (
+    CheckpointDownloadError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    download,
+    is_fastblip_dir,
+    is_remote,
+    load_strict,
+    read_fastblip_config,
+    read_tensor_file,
+    save_fastblip_dir,
+)
+from fastblip.config import ModelConfig
+
+__all__ = ["load", "save", "convert", "CheckpointError", "CheckpointNotFoundError", "CheckpointDownloadError"]
+
+log = logging.getLogger("fastblip")
+FORMATS = ("fastblip", "official", "hf")
+
+
+def _build(cfg: ModelConfig, image_size: int | None, dtype: torch.dtype | None):
+    from fastblip.models.blip import build_model
+
+    if image_size is not None:
+        cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=int(image_size)))
+    model = build_model(cfg)
+    if dtype is not None:
+        model.to(dtype)
+    return model
+
+
+def _float_dtype(sd: dict) -> torch.dtype | None:
+    for v in sd.values():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v.dtype
+    return None
+
+
+def _from_official_obj(obj, source: str, image_size, dtype, kind: str | None):
+    sd, cfg_dict = official.split_official(obj, source)
+    if cfg_dict is not None:
+        cfg = ModelConfig.from_dict(cfg_dict)
+    else:
+        cfg = official.infer_config(sd, kind or official.infer_kind(sd.keys()))
+    if kind is not None:
+        cfg.kind = kind
+    model = _build(cfg, image_size, dtype)
+    report = load_strict(model, official.from_official(sd), source)
+    return model, report
+
+
+def load(path: str | Path, *, image_size: int | None = None, device: str | torch.device | None = None,
+         dtype: torch.dtype | None = None, kind: str | None = None):
+    """Load any supported checkpoint into its fastblip model, in eval mode.
+
+    ``image_size`` rebuilds the ViT for another resolution (pos-embeds interpolated bicubically, also the
+    momentum ViT's); ``dtype`` casts floating tensors (default: keep fp32 / the file's dtype);
+    ``kind`` overrides the inferred task layout of an official file."""
+    from fastblip.data.tokenizer import load_tokenizer
+
+    src = str(path)
+    tok_dir = None
+    if is_remote(src):
+        model, report = _from_official_obj(download(src), src, image_size, dtype, kind)
+    else:
+        p = Path(src).expanduser()
+        if not p.exists():
+            raise CheckpointNotFoundError(f"checkpoint not found: {p} (a fastblip dir, an official .pth, an HF "
+                                          f"dir, or a released name such as 'model_base_capfilt_large')")
+        if is_fastblip_dir(p):
+            cfg = read_fastblip_config(p)
+            if kind is not None:
+                cfg.kind = kind
+            sd = read_tensor_file(p / "model.safetensors")
+            model = _build(cfg, image_size, dtype or _float_dtype(sd))
+            report = load_strict(model, sd, str(p))
+            tok_dir = p
+        elif p.is_dir() and (p / "config.json").is_file():
+            if not hf.is_hf_dir(p):
+                raise CheckpointError(f"{p}: config.json is not an HF BLIP config (model_type != 'blip')")
+            cfg, _ = hf.read_hf_config(p)
+            sd = hf.read_hf_weights(p)
+            if cfg.kind == "itm" and "temp" not in sd:  # HF has no ITC temperature: the official init value
+                sd["temp"] = torch.tensor(cfg.temp)
+            model = _build(cfg, image_size, dtype)
+            report = load_strict(model, sd, str(p))
+            tok_dir = p
+        elif p.is_dir():
+            raise CheckpointError(f"{p}: a directory without fastblip.json or config.json is no checkpoint")
+        else:
+            model, report = _from_official_obj(read_tensor_file(p), str(p), image_size, dtype, kind)
+    if report["interpolated"]:
+        log.info("fastblip.load: interpolated %s to image size %d", ", ".join(report["interpolated"]),
+                 model.cfg.vision.image_size)
+    if tok_dir is not None:
+        model.tokenizer = load_tokenizer(tok_dir)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def save(model, path: str | Path, format: str = "fastblip") -> Path:
+    """Write ``model`` as a fastblip dir, an official ``.pth`` or an HF ``save_pretrained`` dir."""
+    p = Path(path).expanduser()
+    if format == "fastblip":
+        return save_fastblip_dir(model, p)
+    if format == "official":
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + ".tmp")
+        torch.save(official.to_official(model), tmp)
+        tmp.replace(p)
+        return p
+    if format == "hf":
+        return hf.save_hf_dir(model, p)
+    raise ValueError(f"unknown checkpoint format '{format}' (valid: {', '.join(FORMATS)})")
+
+
+def convert(src: str | Path, dst: str | Path, to: str = "fastblip", **load_kw) -> Path:
+    """``fastblip convert SRC DST --to FORMAT``: load anything ``load`` reads, write it as ``to``."""
+    if to not in FORMATS:
+        raise ValueError(f"unknown checkpoint format '{to}' (valid: {', '.join(FORMATS)})")
+    return save(load(src, **load_kw), dst, format=to)

@@ -48,7 +48,7 @@ _logged: set[str] = set()
 _PIN_PRIORITY = os.environ.get("FASTBLIP_SDPA_PRIORITY", "0") == "1"
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(ValueError):
     """An explicitly requested backend is missing."""
 
 
