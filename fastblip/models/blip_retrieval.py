@@ -1,14 +1,56 @@
-"""Image-text retrieval / ITM filter model (official ``BLIP_Retrieval`` and ``BLIP_ITM`` layouts)."""
+"""Image-text retrieval / ITM filter model (official ``BLIP_Retrieval`` and ``BLIP_ITM`` layouts).
+
+Legend: B local batch, W world size, G = W·B gathered rows, Q queue length, d embed dim (256),
+N image tokens, C vision width.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fastblip.config import ModelConfig
 from fastblip.models.base import BlipBase, ContrastiveMixin
-from fastblip.models.blip import add_momentum_and_queues
-from fastblip.models.med import BertModel
+from fastblip.models.blip import add_momentum_and_queues, momentum_pairs
+from fastblip.models.med import BertModel, ImageKV
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@torch.no_grad()
+def gather_nograd(t: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> (W·B, ...) in rank order, no gradient (official ``concat_all_gather``)."""
+    if _world() == 1:
+        return t
+    out = [torch.empty_like(t) for _ in range(_world())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> (W·B, ...) with gradient: backward sums every rank's gradient for our slice (the official
+    ``GatherLayer``); ``torch.distributed.nn.functional.all_gather`` does exactly that (reduce-scatter)."""
+    if _world() == 1:
+        return t
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(t.contiguous()))
+
+
+def _pad_to_world_len(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranks pad their texts to their own longest caption; gathering needs one length."""
+    if _world() == 1:
+        return ids, mask
+    L = torch.tensor([ids.shape[1]], device=ids.device)
+    dist.all_reduce(L, op=dist.ReduceOp.MAX)
+    pad = int(L) - ids.shape[1]  # sync: one scalar per step, only under torchrun
+    if pad:
+        ids, mask = F.pad(ids, (0, pad)), F.pad(mask, (0, pad))
+    return ids, mask
 
 
 class BlipRetrieval(ContrastiveMixin, BlipBase):
@@ -32,3 +74,65 @@ class BlipRetrieval(ContrastiveMixin, BlipBase):
         if momentum:
             add_momentum_and_queues(self, cfg, idx_queue=True)
         self.set_backends()
+
+    def training_forward(self, batch, alpha: float = 0.4) -> dict:
+        """Retrieval finetune step (official ``train_retrieval``): ITC with image-id positives against the
+        momentum features + queues, then ITM on [pos; neg image per text; neg text per image] with negatives
+        drawn from every rank (``negative_all_rank``), softmax weights with same-id entries zeroed (eps 0)."""
+        if not self.has_momentum:
+            raise ValueError("training_forward needs the momentum encoders and queues (model kind 'retrieval', "
+                             "not 'itm')")
+        from fastblip.ops import enqueue_, itc_loss, momentum_update_, sample_hard_negatives
+
+        ops = self.cfg.ops_backend
+        pix, ids, mask, idx = batch.pixel_values, batch.input_ids, batch.attention_mask, batch.image_ids.view(-1)
+        B = ids.shape[0]
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        img_BNC = self.encode_image(pix)
+        image_feat = F.normalize(self.vision_proj(img_BNC[:, 0]), dim=-1)
+        text_feat = F.normalize(self.text_proj(self.text_encoder(ids, mask)[:, 0]), dim=-1)
+
+        # ---- ITC with image-id positives and momentum distillation
+        idx_all = torch.cat([idx, self.idx_queue.detach()])  # (B+Q,)
+        with torch.no_grad():
+            momentum_update_(*momentum_pairs(self), self.cfg.momentum)
+            img_m = F.normalize(self.vision_proj_m(self.visual_encoder_m(pix)[:, 0]), dim=-1)
+            txt_m = F.normalize(self.text_proj_m(self.text_encoder_m(ids, mask)[:, 0]), dim=-1)
+            img_m_all = torch.cat([img_m, self.image_queue.detach()])  # (B+Q, d)
+            txt_m_all = torch.cat([txt_m, self.text_queue.detach()])
+        loss_itc, _, _ = itc_loss(image_feat, text_feat, img_m_all, txt_m_all, self.temp, alpha, idx=idx,
+                                  idx_all=idx_all, backend=ops)
+        idx_world = gather_nograd(idx)  # (G,)
+        enqueue_([self.image_queue, self.text_queue, self.idx_queue],
+                 [gather_nograd(img_m), gather_nograd(txt_m), idx_world], self.ptr_queue)
+
+        # ---- ITM with hard negatives from all ranks
+        enc_ids = self._with_first(ids, self.cfg.text.enc_token_id)
+        with torch.no_grad():
+            t = self.temp.detach()
+            sim_i2t = image_feat.detach() @ gather_nograd(text_feat.detach()).t() / t  # (B, G)
+            sim_t2i = text_feat.detach() @ gather_nograd(image_feat.detach()).t() / t
+        neg_img, neg_txt = sample_hard_negatives(sim_i2t, sim_t2i, idx, idx_world, eps=0.0, backend=ops)
+        ids_w, mask_w = _pad_to_world_len(enc_ids, mask)
+        ids_w, mask_w = gather_nograd(ids_w), gather_nograd(mask_w)
+        # the three text blocks padded to one length (a gathered text may be longer than ours)
+        L = ids_w.shape[1]
+        enc_ids, mask_l = F.pad(enc_ids, (0, L - enc_ids.shape[1])), F.pad(mask, (0, L - mask.shape[1]))
+        text_ids = torch.cat([enc_ids, enc_ids, ids_w.index_select(0, neg_txt)])  # (3B, L)
+        text_mask = torch.cat([mask_l, mask_l, mask_w.index_select(0, neg_txt)])
+        image = self.text_encoder.image_kv(img_BNC)  # each local image's K/V once: pos pair + neg-text pair
+        ar = torch.arange(B, device=ids.device)
+        if _world() == 1:
+            image.kv_index = torch.cat([ar, neg_img, ar])  # negative images are local: share their K/V too
+        else:
+            neg_BNC = gather_with_grad(img_BNC).index_select(0, neg_img)  # gradient reaches the owning rank
+            neg = self.text_encoder.image_kv(neg_BNC)
+            image = ImageKV([(torch.cat([k, k2]), torch.cat([v, v2])) for (k, v), (k2, v2) in zip(image.kv, neg.kv)],
+                            torch.cat([ar, B + ar, ar]), None)
+        h = self.text_encoder(text_ids, text_mask, image=image)[:, 0]
+        logits = self.itm_head(h).float()
+        labels = torch.cat([torch.ones(B, dtype=torch.long, device=ids.device),
+                            torch.zeros(2 * B, dtype=torch.long, device=ids.device)])
+        loss_itm = F.cross_entropy(logits, labels)
+        return {"itc_loss": loss_itc, "itm_loss": loss_itm, "loss": loss_itc + loss_itm}

@@ -1,0 +1,108 @@
+"""Build the recipe's model and initialise it as BLIP does (ViT from timm, text from BERT, or a checkpoint).
+
+``init_from`` loads every tensor whose name and shape match (pos-embeds interpolated bicubically, official
+(D, Q) queues transposed) and *reports* what it drops, like the official ``load_checkpoint`` but visibly.
+After any initialisation the momentum encoders are copies of the online ones (official ``copy_params``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from fastblip.train.recipe import Recipe
+
+log = logging.getLogger("fastblip.train")
+
+
+def _read_state(path: str) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"model.init_from: checkpoint not found: {p}")
+    if p.is_file() and p.suffix in (".pth", ".pt", ".bin"):
+        sd = torch.load(p, map_location="cpu", weights_only=False)
+        if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+            sd = sd["model"]
+        return sd
+    import fastblip  # a fastblip directory, an HF directory, ...: the strict loader reads the layout
+
+    return fastblip.load(str(p)).state_dict()
+
+
+def load_matching(model: nn.Module, state: dict) -> dict:
+    """Copy the tensors of ``state`` that fit ``model``; returns {"loaded", "dropped", "missing"} key lists."""
+    from fastblip.models.vit import interpolate_pos_embed
+
+    own = model.state_dict()
+    loaded, dropped = [], []
+    fixed = {}
+    for k, v in state.items():
+        if k not in own or not isinstance(v, torch.Tensor):
+            dropped.append(f"{k} (not in model)")
+            continue
+        tgt = own[k]
+        if k.endswith("pos_embed") and v.shape != tgt.shape and v.dim() == 3:
+            v = interpolate_pos_embed(v, tgt.shape[1] - 1)
+        if k in ("image_queue", "text_queue") and v.dim() == 2 and v.shape == tgt.shape[::-1]:
+            v = v.t().contiguous()  # official (D, Q) -> row-major (Q, D)
+        if k in ("queue_ptr", "ptr_queue") and v.numel() == tgt.numel():
+            v = v.reshape(tgt.shape)
+        if v.shape != tgt.shape:
+            dropped.append(f"{k} (shape {tuple(v.shape)} vs {tuple(tgt.shape)})")
+            continue
+        fixed[k] = v
+        loaded.append(k)
+    model.load_state_dict(fixed, strict=False)
+    missing = [k for k in own if k not in fixed]
+    return {"loaded": loaded, "dropped": dropped, "missing": missing}
+
+
+@torch.no_grad()
+def copy_momentum(model: nn.Module) -> None:
+    """Momentum encoders := online encoders (after loading pretrained weights into the online ones)."""
+    if not hasattr(model, "visual_encoder_m"):
+        return
+    from fastblip.models.blip import momentum_pairs
+
+    pm, po = momentum_pairs(model)
+    torch._foreach_copy_(pm, [p.detach() for p in po])
+
+
+def build_and_init(recipe: Recipe) -> nn.Module:
+    """The recipe's model on CPU, initialised per ``model.init_vit`` / ``init_bert`` / ``init_from``."""
+    from fastblip.models.blip import build_model
+
+    model = build_model(recipe.model_config())
+    m = recipe.model
+    touched = False
+    if m.init_vit:
+        from fastblip.checkpoints.init import init_vision_from_timm
+
+        rep = init_vision_from_timm(model.visual_encoder, m.init_vit)
+        log.info("init: ViT from %s (%d tensors; dropped %s)", m.init_vit, len(rep["loaded"]), rep["dropped"])
+        touched = True
+    if m.init_bert:
+        from fastblip.checkpoints.init import init_text_from_bert
+
+        rep = init_text_from_bert(model, m.init_bert)  # encoder and decoder (tied parts get the same tensors)
+        log.info("init: text from %s (%d tensors; dropped %s)", m.init_bert, len(rep["loaded"]), rep["dropped"])
+        touched = True
+    if m.init_from:
+        state = _read_state(m.init_from)
+        if getattr(model, "kind", None) == "nlvr":  # single cross-attention -> self0/self1, dense0/dense1
+            from fastblip.models.blip_nlvr import nlvr_init_from_pretrained
+
+            state = nlvr_init_from_pretrained(state)
+        rep = load_matching(model, state)
+        log.info("init_from %s: loaded %d tensors, dropped %d, missing %d", m.init_from, len(rep["loaded"]),
+                 len(rep["dropped"]), len(rep["missing"]))
+        for d in rep["dropped"]:
+            log.warning("init_from: dropped %s", d)
+        has_m = any(k.startswith("visual_encoder_m.") for k in rep["loaded"])
+        touched = touched or not has_m
+    if touched:
+        copy_momentum(model)
+    return model

@@ -1,0 +1,319 @@
+"""The trainer shared by ``fastblip pretrain`` and ``fastblip finetune``.
+
+One optimiser step = ``train.grad_accum`` micro-batches. Gradient accumulation (issue 4): the momentum
+encoders are updated once per optimiser step (on its first micro-batch, before the momentum forward), the
+queues are written every micro-batch, and the lr and alpha schedules count optimiser steps. The lr schedule
+(BLIP pretrain.py / train_*.py): linear warmup from ``warmup_lr`` over ``warmup_steps`` in epoch 0, then per
+epoch ``max(min_lr, lr · decay^epoch)`` (step) or ``min_lr + (lr − min_lr)(1 + cos(π·epoch/epochs))/2`` (cosine);
+alpha = ``alpha · min(1, step / (alpha_ramp_epochs · steps_per_epoch))``.
+
+The step has no host sync: loss terms are summed on device and read (one labelled sync) every ``log_every``
+steps for the JSONL log and the progress bar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from fastblip.train import checkpoint as ck
+from fastblip.train.distributed import DistInfo, barrier, init_distributed, reduce_mean, wrap_model
+from fastblip.train.recipe import Recipe, ensure_synthetic
+
+log = logging.getLogger("fastblip.train")
+
+
+class TrainStep(nn.Module):
+    """What DDP/FSDP wrap: ``forward`` runs the model's ``training_forward`` so the gradient hooks fire."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        params = inspect.signature(model.training_forward).parameters
+        self.takes_momentum_flag = "update_momentum" in params
+
+    def forward(self, batch, alpha: float, first_micro: bool = True) -> dict:
+        if self.takes_momentum_flag:
+            return self.model.training_forward(batch, alpha, update_momentum=first_micro)
+        return self.model.training_forward(batch, alpha)
+
+
+def _iter_isolated(loader):
+    """Iterate ``loader`` without touching the global torch RNG: starting a DataLoader iterator draws its base
+    seed from it, which a resumed run would draw at another point than the straight run (bit-exact resume)."""
+    it = iter(loader)
+    with torch.random.fork_rng(devices=[]):
+        first = next(it, None)
+    if first is None:
+        return
+    yield first
+    yield from it
+
+
+def lr_at(step: int, steps_per_epoch: int, t) -> float:
+    """Learning rate for optimiser step ``step`` (0-based) under recipe train section ``t``."""
+    epoch = step // max(1, steps_per_epoch)
+    if epoch == 0 and t.warmup_steps > 0 and step <= t.warmup_steps:
+        return min(t.lr, t.warmup_lr + (t.lr - t.warmup_lr) * step / t.warmup_steps)
+    if t.schedule == "cosine":
+        return (t.lr - t.min_lr) * 0.5 * (1.0 + math.cos(math.pi * epoch / t.epochs)) + t.min_lr
+    return max(t.min_lr, t.lr * t.lr_decay_rate**epoch)
+
+
+def alpha_at(step: int, steps_per_epoch: int, t) -> float:
+    ramp = t.alpha_ramp_epochs * steps_per_epoch
+    return t.alpha * (min(1.0, step / ramp) if ramp > 0 else 1.0)
+
+
+class Trainer:
+    """``Trainer(recipe, resume=False).fit() -> dict`` of final metrics (last logged losses + eval)."""
+
+    def __init__(self, recipe: Recipe, *, resume: bool = False, device: str | None = None,
+                 progress: bool = True, model: nn.Module | None = None):
+        self.recipe, t = recipe, recipe.train
+        self.info: DistInfo = init_distributed(device)
+        self.out_dir = Path(t.out_dir)
+        self.progress = progress and self.info.is_main
+        from fastblip.tasks import get_task
+
+        self.task = get_task(recipe.task)
+        self.options = recipe.options()
+        self.resume_path = ck.latest_checkpoint(self.out_dir) if resume else None
+        self.resume_state = ck.load_checkpoint(self.resume_path) if self.resume_path else None
+        if resume and self.resume_state is None:
+            log.warning("--resume: no checkpoint in %s, starting from scratch", self.out_dir / "checkpoints")
+        if self.info.is_main:
+            ensure_synthetic(recipe)
+        barrier()
+
+        torch.manual_seed(t.seed)  # same initial weights on every rank (DDP also broadcasts them)
+        if model is None:
+            from fastblip.train.init import build_and_init
+
+            model = build_and_init(recipe)
+        self.model = model.to(self.info.device)
+        cfg = self.model.cfg.to_dict()
+        self.fp = ck.fingerprint(cfg, recipe.data.batch_size, t.grad_accum, self.info.world_size)
+        self.fp["distributed"] = t.distributed if self.info.enabled else "none"  # optimiser state layouts differ
+        if self.resume_state is not None:  # refuse another config's checkpoint before any work
+            ck.check_fingerprint(self.resume_state["fingerprint"], self.fp, self.resume_path)
+        torch.manual_seed(t.seed + self.info.rank)  # per-rank dropout / sampling streams
+
+        self.loader = self.task.build_loader(recipe, train=True, rank=self.info.rank,
+                                             world_size=self.info.world_size, epoch=0)
+        self.steps_per_epoch = len(self.loader) // t.grad_accum
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"the training data gives {len(self.loader)} batches per epoch per rank, fewer than "
+                             f"train.grad_accum={t.grad_accum}")
+        self.total_steps = self.steps_per_epoch * t.epochs
+        if t.max_steps:
+            self.total_steps = min(self.total_steps, t.max_steps)
+
+        fused = self.info.device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if (t.amp == "bf16" or (t.amp == "auto" and fused)) else None
+        if t.compile:
+            for name in ("visual_encoder", "text_encoder", "text_decoder"):
+                if hasattr(self.model, name):
+                    getattr(self.model, name).compile()
+        if self.resume_state is not None and self._sharded():
+            self.model.load_state_dict(self.resume_state["model"])  # full tensors, before fully_shard
+        self.step_module = wrap_model(TrainStep(self.model), self.info, t.distributed)
+        # after wrapping: FSDP2 replaces the parameters by sharded DTensor parameters
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
+        self.external_momentum = (self.info.enabled and t.distributed == "fsdp2"
+                                  and hasattr(self.model, "momentum_update"))
+        self.step, self.epoch = 0, 0
+        if self.resume_state is not None:
+            self._restore(self.resume_state)
+            log.info("resumed from %s at step %d (epoch %d)", self.resume_path, self.step, self.epoch)
+        self.resume_state = None
+        self.last_metrics: dict = {}
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        per_rank = {"rng": ck.rng_state(), "data": self.loader.state_dict()}
+        if self.info.enabled:
+            gathered: list = [None] * self.info.world_size
+            dist.all_gather_object(gathered, per_rank)
+        else:
+            gathered = [per_rank]
+        model_sd, optim_sd = self._model_optim_state()
+        return {"model": model_sd, "optimizer": optim_sd, "step": self.step,
+                "epoch": self.epoch, "scaler": None, "per_rank": gathered, "fingerprint": self.fp,
+                "recipe": self.recipe.to_dict()}
+
+    def _sharded(self) -> bool:
+        return self.info.enabled and self.recipe.train.distributed == "fsdp2"
+
+    def _model_optim_state(self) -> tuple[dict, dict]:
+        """Full (unsharded) model and optimiser state; under FSDP2 gathered to CPU (a collective)."""
+        if not self._sharded():
+            return self.model.state_dict(), self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        msd, osd = get_state_dict(self.step_module, self.optimizer, options=opts)
+        return {k.removeprefix("model."): v for k, v in msd.items()}, osd
+
+    def _restore(self, st: dict) -> None:
+        if self._sharded():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            # the model state was loaded before sharding (__init__); tied MED modules break set_model_state_dict
+            set_optimizer_state_dict(self.step_module, self.optimizer, optim_state_dict=st["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.model.load_state_dict(st["model"])
+            self.optimizer.load_state_dict(st["optimizer"])
+        self.step, self.epoch = int(st["step"]), int(st["epoch"])
+        mine = st["per_rank"][self.info.rank]
+        self.loader.load_state_dict(mine["data"])
+        ck.set_rng_state(mine["rng"])
+
+    def save(self) -> Path | None:
+        st = self.state_dict()  # collective under torchrun: every rank calls it
+        path = None
+        if self.info.is_main:
+            path = ck.save_checkpoint(self.out_dir, self.step, st, self.recipe.train.keep_last)
+        barrier()
+        return path
+
+    # ------------------------------------------------------------------ loop
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.info.device.type, dtype=self.amp_dtype)
+
+    def fit(self) -> dict:
+        t = self.recipe.train
+        if self.info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "recipe.json").write_text(json.dumps(self.recipe.to_dict(), indent=1))
+        log_f = open(self.out_dir / "log.jsonl", "a") if self.info.is_main else None
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        try:
+            while self.step < self.total_steps and self.epoch < t.epochs:
+                self._train_epoch(bar, log_f)
+                if self.step % self.steps_per_epoch == 0:
+                    self._end_epoch(log_f, advance=True)
+                elif self.step >= self.total_steps:  # max_steps inside an epoch: resumable mid-epoch
+                    self._end_epoch(log_f, advance=False)
+        finally:
+            if bar is not None:
+                bar.close()
+            if log_f is not None:
+                log_f.close()
+        return self.last_metrics
+
+    def _train_epoch(self, bar, log_f) -> None:
+        t, accum = self.recipe.train, self.recipe.train.grad_accum
+        spe = self.steps_per_epoch
+        epoch_end_step = min((self.epoch + 1) * spe, self.total_steps)
+        if self.step >= epoch_end_step:
+            return
+        sums: dict[str, torch.Tensor] = {}
+        n_logged, t0, images = 0, time.perf_counter(), 0
+        micro = 0
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for batch in _iter_isolated(self.loader):
+            if micro == 0:
+                lr = lr_at(self.step, spe, t)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                alpha = alpha_at(self.step, spe, t)
+            batch = batch.to(self.info.device)
+            last = micro == accum - 1
+            sync = contextlib.nullcontext()
+            if not last and hasattr(self.step_module, "no_sync"):
+                sync = self.step_module.no_sync()  # DDP: all-reduce once per optimiser step
+            first = micro == 0
+            if first and self.external_momentum:
+                # FSDP2: between steps every parameter is a sharded DTensor, so the foreach update runs on the
+                # shards; inside forward the root unit's params are unsharded copies, discarded at reshard
+                self.model.momentum_update()
+                first = False
+            with sync:
+                with self._autocast():
+                    out = self.step_module(batch, alpha, first_micro=first)
+                (out["loss"] / accum).backward()
+            for k, v in out.items():
+                if k.endswith("loss"):
+                    sums[k] = sums.get(k, 0) + v.detach().float()
+            n_logged += 1
+            images += len(batch) * self.info.world_size
+            micro += 1
+            if not last:
+                continue
+            micro = 0
+            if t.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(params, t.clip_grad, foreach=True)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            if bar is not None:
+                bar.update(1)
+            if self.step % t.log_every == 0 or self.step == epoch_end_step:
+                dt = time.perf_counter() - t0
+                if self.info.enabled:  # mean over ranks: one small all-reduce per log line
+                    keys = sorted(sums)
+                    red = reduce_mean(torch.stack([sums[k] for k in keys]))
+                    sums = dict(zip(keys, red.unbind(0)))
+                rec = {k: round(float(v) / n_logged, 5) for k, v in sums.items()}  # sync: once per log_every
+                rec.update(step=self.step, epoch=self.epoch, lr=lr, alpha=round(alpha, 5),
+                           img_per_sec=round(images / max(dt, 1e-9), 2), data=self._data_stats())
+                self._log(rec, bar, log_f)
+                sums, n_logged, t0, images = {}, 0, time.perf_counter(), 0
+            if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step != epoch_end_step:
+                self.save()
+            if self.step >= epoch_end_step:
+                break
+
+    def _end_epoch(self, log_f, advance: bool) -> None:
+        t = self.recipe.train
+        if advance:
+            self.epoch += 1
+            self.loader.set_epoch(self.epoch)
+        if t.eval_every_epoch and self.recipe.data.eval:
+            self.model.eval()
+            with torch.random.fork_rng(devices=[]), self._autocast():
+                metrics = self.task.evaluate(self.model, self.recipe, rank=self.info.rank,
+                                             world_size=self.info.world_size)
+            self.model.train()
+            self._log({"eval": metrics, "step": self.step, "epoch": self.epoch - int(advance)}, None, log_f)
+            self.last_metrics.update({f"eval_{k}": v for k, v in metrics.items()})
+        self.save()
+
+    def _data_stats(self) -> dict:
+        s = getattr(self.loader, "stats", None) or {}
+        return {"ok": s.get("ok", 0), "skipped": dict(s.get("skipped", {}))}
+
+    def _log(self, rec: dict, bar, log_f) -> None:
+        if "eval" not in rec:
+            self.last_metrics.update({k: v for k, v in rec.items() if k.endswith("loss")})
+            self.last_metrics["step"] = rec["step"]
+        if log_f is not None:
+            log_f.write(json.dumps(rec) + "\n")
+            log_f.flush()
+        if bar is not None and "eval" not in rec:
+            terms = {k.replace("_loss", ""): v for k, v in rec.items() if k.endswith("loss")}
+            bar.set_postfix(**terms, lr=f"{rec['lr']:.2e}", ips=rec["img_per_sec"])
+        elif self.info.is_main and bar is None:
+            log.info("%s", json.dumps(rec))
+
+
+def train(recipe: Recipe, *, resume: bool = False, device: str | None = None, progress: bool = True) -> dict:
+    return Trainer(recipe, resume=resume, device=device, progress=progress).fit()
