@@ -1,0 +1,354 @@
+"""CapFilt (BLIP §3.3) at scale: caption web images, filter web and synthetic texts with ITM, write new shards.
+
+Per input shard: read and decode (corrupt samples skipped and counted, fastblip.data), encode each image once
+per model, sample K captions per image (each image's cross-attention K/V projected once and shared by its K
+rows, KV-cached decoding), score the web text and every synthetic caption with the filter's ITM head (the
+image's K/V again shared by all its texts), keep the texts with softmax match probability >= threshold.
+
+Output, per input shard ``NAME.tar`` (written to a temporary name, then renamed; the manifest last = done):
+- ``NAME.tar``: one webdataset sample per *kept* (image, text) pair, key ``{key}_web`` / ``{key}_syn{j}``:
+  ``.jpg`` (the input bytes), ``.txt`` (the text), ``.json`` {caption, source, itm_score, image_id, key,
+  noisy?}. ``fastblip pretrain`` reads it as is; the image id keeps an image's pairs together.
+- ``NAME.scores.jsonl``: one line per image with *every* candidate text, its source, score and verdict.
+- ``NAME.manifest.json``: counts (images, skipped by reason, kept/dropped per source, seconds).
+At the end: ``manifest.jsonl`` (one line per shard, input order) and ``totals.json``.
+
+The bootstrapped pretraining set (paper §3.3) = human-annotated pairs + these shards (filtered web + filtered
+synthetic): list both under ``data.train`` of a pretraining recipe (see recipes/capfilt.yaml).
+
+Determinism: batches never span shards, and every sampled token is drawn from a counter-based uniform whose
+seed is a hash of (run seed, shard name, key, sample index), so a shard's output does not depend on the
+batch size, on which rank took it, or on a restart. Ranks (torchrun) take shards i ≡ rank (mod world); a
+rerun skips shards whose manifest exists.
+
+Legend: B images in a batch, K captions per image, R = B·(1+K) texts scored, N image tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastblip.capfilt.recipe import CapfiltRecipe
+
+log = logging.getLogger("fastblip.capfilt")
+CRASH_ENV = "FASTBLIP_CAPFILT_CRASH_AFTER"  # "RANK:N": that rank dies after N shards (resume tests)
+
+
+# ----------------------------------------------------------------------------- seeds and files
+
+
+def sample_seed(run_seed: int, shard: str, key: str, index: int) -> int:
+    """Non-negative int64 seed of caption ``index`` of image ``key`` in ``shard`` (blake2b, not Python's
+    salted ``hash``, so every process and rerun agrees)."""
+    h = hashlib.blake2b(f"{run_seed}\x1f{shard}\x1f{key}\x1f{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644  # mtime 0: byte-identical reruns
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def shard_name(url: str) -> str:
+    base = url.rstrip("/").rpartition("/")[2]
+    return base[:-4] if base.endswith(".tar") else base
+
+
+def expand_input(spec: str) -> list[str]:
+    from fastblip.data.readers import parse_sources
+
+    urls = parse_sources(spec).shards
+    if not urls:
+        raise ValueError(f"capfilt input {spec!r} names no tar shards")
+    names = [shard_name(u) for u in urls]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ValueError(f"capfilt input: shard names must be unique (outputs are named after them): {sorted(dup)[:3]}")
+    return urls
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Item:
+    key: str
+    image_bytes: bytes
+    pixels: torch.Tensor  # (3, S, S)
+    web_text: str | None  # pre_caption'd web text, None when the sample has none
+    meta: dict
+
+
+@dataclass
+class ShardInput:
+    url: str
+    items: list[Item] = field(default_factory=list)
+    skipped: dict = field(default_factory=dict)
+    missing_text: int = 0
+
+
+def read_shard(url: str, transform, max_words: int, pool: ThreadPoolExecutor) -> ShardInput:
+    """Raw samples through fastblip.data's reader, decoded on ``pool``; bad samples counted by reason."""
+    from fastblip.data.decode import DecodeError, decode_image
+    from fastblip.data.readers import iter_tar, split_sample
+    from fastblip.data.text import clean_caption_bytes, pre_caption
+
+    out = ShardInput(url)
+    raws = list(iter_tar(url, out.skipped))
+
+    def one(raw: dict):
+        img_b, _, cap_b, meta, problem = split_sample(raw)
+        if problem is not None:
+            return raw["__key__"], problem
+        try:
+            img, _ = decode_image(img_b)
+        except DecodeError as e:
+            return raw["__key__"], e.reason
+        text, _ = clean_caption_bytes(cap_b)
+        text = pre_caption(text, max_words) if text is not None else None
+        return Item(raw["__key__"], img_b, transform(img), text or None, meta), None
+
+    for res, problem in pool.map(one, raws):
+        if problem is not None:
+            out.skipped[problem] = out.skipped.get(problem, 0) + 1
+            log.warning("capfilt: skipped %s in %s: %s", res, url, problem)
+            continue
+        out.missing_text += res.web_text is None
+        out.items.append(res)
+    return out
+
+
+# ----------------------------------------------------------------------------- the two models
+
+
+class CapFilt:
+    """Captioner + filter on one device; ``caption_and_score`` is the per-batch work."""
+
+    def __init__(self, captioner, filter_model, recipe: CapfiltRecipe, device: torch.device):
+        for m, need, what in ((captioner, "text_decoder", "captioner"), (filter_model, "itm_head", "filter")):
+            if not hasattr(m, need):
+                raise ValueError(f"the {what} checkpoint ({type(m).__name__}) has no '{need}': use a "
+                                 f"{'caption' if what == 'captioner' else 'retrieval/ITM'} or pretraining model")
+        self.cap, self.flt, self.r, self.device = captioner.eval(), filter_model.eval(), recipe, device
+        self.tok = captioner.tokenizer
+        self.prompt = recipe.prompt or captioner.cfg.prompt
+        use_bf16 = recipe.dtype == "bf16" or (recipe.dtype == "auto" and device.type == "cuda")
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+        if recipe.compile:
+            # ViTs and the filter's text encoder have static shapes (fixed image size, max_length texts)
+            for m in {id(captioner): captioner, id(filter_model): filter_model}.values():
+                m.visual_encoder = torch.compile(m.visual_encoder)
+            filter_model.text_encoder = torch.compile(filter_model.text_encoder, dynamic=True)
+
+    @torch.no_grad()
+    def caption_and_score(self, shard: str, items: list[Item]) -> list[dict]:
+        """Per image: {"key", "texts": [(source, text, score)]}: web text first (when any), then K captions."""
+        from fastblip.data.text import pre_caption
+        from fastblip.models.generation import generate_ids
+
+        r, K, B = self.r, self.r.num_captions, len(items)
+        pix = torch.stack([it.pixels for it in items]).to(self.device, non_blocking=True)
+        with self.autocast:
+            emb_c = self.cap.encode_image(pix)  # (B, N, C) once for the captioner ...
+            emb_f = emb_c if self.flt is self.cap else self.flt.encode_image(pix)  # ... and once for the filter
+            caps: list[list[str]] = [[] for _ in items]
+            if K:
+                seeds = torch.tensor([sample_seed(r.seed, shard, it.key, j) for it in items for j in range(K)],
+                                     dtype=torch.long)
+                ids = generate_ids(self.cap, pix, method=r.method, num_return_sequences=K, prompt=self.prompt,
+                                   max_length=r.max_length, min_length=r.min_length, num_beams=max(r.num_beams, K),
+                                   top_p=r.top_p, top_k=r.top_k, seeds=seeds if r.method == "nucleus" else None,
+                                   repetition_penalty=r.repetition_penalty or None, image_embeds=emb_c)
+                texts = self.tok.batch_decode(ids.tolist(), skip_special_tokens=True)
+                for b in range(B):
+                    caps[b] = [pre_caption(t[len(self.prompt):] if t.startswith(self.prompt) else t, r.max_words)
+                               for t in texts[b * K:(b + 1) * K]]
+            cand, owner = [], []  # texts to score and their image (row of emb_f)
+            for b, it in enumerate(items):
+                if r.keep_web and it.web_text:
+                    cand.append(("web", it.web_text))
+                    owner.append(b)
+                for j, c in enumerate(caps[b]):
+                    cand.append((f"syn{j}", c))
+                    owner.append(b)
+            scores = torch.empty(0)
+            if cand:
+                enc = self.tok([c[1] for c in cand], max_length=r.text_max_length, padding="max_length")
+                kv_index = torch.tensor(owner, device=self.device)
+                h = self.flt.itm_hidden(emb_f, enc["input_ids"].to(self.device),
+                                        enc["attention_mask"].to(self.device), kv_index=kv_index)
+                scores = self.flt.itm_head(h).float().softmax(dim=-1)[:, 1].cpu()  # sync: results to host
+        out = [{"key": it.key, "texts": []} for it in items]
+        for (src, text), b, s in zip(cand, owner, scores.tolist()):
+            out[b]["texts"].append((src, text, s))
+        return out
+
+
+# ----------------------------------------------------------------------------- one shard
+
+
+def _image_id(it: Item) -> int:
+    from fastblip.data.dataset import key_image_id
+
+    iid = it.meta.get("image_id")
+    return iid if isinstance(iid, int) and not isinstance(iid, bool) else key_image_id(it.key)
+
+
+def process_shard(engine: CapFilt, shard_in: ShardInput, out_dir: Path, crash_now: bool = False) -> dict:
+    """Caption, score and write one shard; returns its manifest line."""
+    r = engine.r
+    name = shard_name(shard_in.url)
+    t0 = time.perf_counter()
+    members: list[tuple[str, bytes]] = []
+    score_lines: list[str] = []
+    counts = {"web": {"kept": 0, "dropped": 0}, "synthetic": {"kept": 0, "dropped": 0}}
+    items = shard_in.items
+    for a in range(0, len(items), r.batch_size):
+        batch = items[a:a + r.batch_size]
+        for it, res in zip(batch, engine.caption_and_score(name, batch)):
+            iid = _image_id(it)
+            line = {"key": it.key, "image_id": iid, "noisy": it.meta.get("noisy"), "texts": []}
+            for src, text, s in res["texts"]:
+                keep = s >= r.threshold and bool(text)
+                counts["web" if src == "web" else "synthetic"]["kept" if keep else "dropped"] += 1
+                line["texts"].append({"source": src, "text": text, "itm_score": s, "kept": keep})
+                if keep:
+                    k = f"{it.key}_{src}"
+                    meta = {"caption": text, "source": "web" if src == "web" else "synthetic", "itm_score": s,
+                            "image_id": iid, "key": it.key}
+                    if src == "web" and it.meta.get("noisy") is not None:
+                        meta["noisy"] = it.meta["noisy"]
+                    members += [(k + ".jpg", it.image_bytes), (k + ".txt", text.encode()),
+                                (k + ".json", json.dumps(meta).encode())]
+            score_lines.append(json.dumps(line))
+    secs = time.perf_counter() - t0
+    manifest = {"shard": name, "input": shard_in.url, "images": len(items), "pairs": len(members) // 3,
+                "skipped": dict(sorted(shard_in.skipped.items())), "web_missing": shard_in.missing_text,
+                **counts}
+    tar_path = out_dir / f"{name}.tar"
+    if crash_now:  # test hook: die with the shard half-written (a temp file left behind, nothing renamed)
+        (out_dir / f"{name}.tar.tmp{os.getpid()}").write_bytes(_tar_bytes(members)[:1024])
+        os._exit(17)
+    _atomic_write(tar_path, _tar_bytes(members))
+    _atomic_write(out_dir / f"{name}.scores.jsonl", "".join(s + "\n" for s in score_lines).encode())
+    _atomic_write(out_dir / f"{name}.manifest.json", json.dumps(manifest, sort_keys=True).encode())  # done marker
+    manifest["seconds"] = secs
+    return manifest
+
+
+def is_done(out_dir: Path, url: str) -> bool:
+    name = shard_name(url)
+    return (out_dir / f"{name}.manifest.json").is_file() and (out_dir / f"{name}.tar").is_file()
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _crash_after(rank: int) -> int | None:
+    spec = os.environ.get(CRASH_ENV, "")
+    if not spec:
+        return None
+    r, _, n = spec.partition(":")
+    return int(n) if int(r) == rank else None
+
+
+def collect(out_dir: Path, urls: list[str]) -> dict:
+    """manifest.jsonl (input order) + totals.json from the per-shard manifests; returns the totals."""
+    lines, totals = [], {"shards": 0, "images": 0, "pairs": 0, "skipped": {}, "web_missing": 0,
+                         "web": {"kept": 0, "dropped": 0}, "synthetic": {"kept": 0, "dropped": 0},
+                         "missing_shards": []}
+    for u in urls:
+        p = out_dir / f"{shard_name(u)}.manifest.json"
+        if not p.is_file():
+            totals["missing_shards"].append(shard_name(u))
+            continue
+        m = json.loads(p.read_text())
+        lines.append(json.dumps(m, sort_keys=True))
+        totals["shards"] += 1
+        for k in ("images", "pairs", "web_missing"):
+            totals[k] += m[k]
+        for src in ("web", "synthetic"):
+            for k in ("kept", "dropped"):
+                totals[src][k] += m[src][k]
+        for k, v in m["skipped"].items():
+            totals["skipped"][k] = totals["skipped"].get(k, 0) + v
+    _atomic_write(out_dir / "manifest.jsonl", "".join(s + "\n" for s in lines).encode())
+    _atomic_write(out_dir / "totals.json", json.dumps(totals, indent=1, sort_keys=True).encode())
+    return totals
+
+
+def run_capfilt(recipe: CapfiltRecipe, *, captioner=None, filter_model=None, rank: int = 0, world_size: int = 1,
+                device: torch.device | str | None = None) -> dict:
+    """Process this rank's unfinished shards. Models are loaded from the recipe's paths unless given.
+    Returns this rank's {"shards", "images", "seconds", "images_per_sec", "skipped_done"}."""
+    from fastblip.data.transforms import eval_transform
+
+    urls = expand_input(recipe.input)
+    out_dir = Path(recipe.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if device is None or device == "auto":
+        device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if captioner is None or filter_model is None:
+        import fastblip
+
+        recipe.check_paths()
+        captioner = captioner or fastblip.load(recipe.captioner, image_size=recipe.image_size, device=device)
+        filter_model = filter_model or (captioner if recipe.filter == recipe.captioner else
+                                        fastblip.load(recipe.filter, image_size=recipe.image_size, device=device))
+    engine = CapFilt(captioner, filter_model, recipe, device)
+    mine = [u for i, u in enumerate(urls) if i % world_size == rank]
+    todo = [u for u in mine if not is_done(out_dir, u)]
+    crash_after = _crash_after(rank)
+    log.info("capfilt rank %d/%d: %d shards, %d already done, %d to do", rank, world_size, len(mine),
+             len(mine) - len(todo), len(todo))
+    bar = None
+    if recipe.progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), unit="shard", desc="capfilt", dynamic_ncols=True)
+    tf = eval_transform(recipe.image_size)
+    n_img, n_done, t0 = 0, 0, time.perf_counter()
+    with ThreadPoolExecutor(max(1, recipe.num_workers)) as pool, ThreadPoolExecutor(1) as prefetch:
+        nxt = prefetch.submit(read_shard, todo[0], tf, recipe.max_words, pool) if todo else None
+        for i, _url in enumerate(todo):
+            shard_in = nxt.result()
+            # decode the next shard while this one runs on the accelerator
+            nxt = prefetch.submit(read_shard, todo[i + 1], tf, recipe.max_words, pool) if i + 1 < len(todo) else None
+            m = process_shard(engine, shard_in, out_dir, crash_now=crash_after is not None and n_done >= crash_after)
+            n_img += m["images"]
+            n_done += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(img_s=f"{n_img / (time.perf_counter() - t0):.1f}", kept_web=m["web"]["kept"],
+                                kept_syn=m["synthetic"]["kept"])
+    if bar is not None:
+        bar.close()
+    secs = time.perf_counter() - t0
+    return {"shards": n_done, "images": n_img, "seconds": secs, "images_per_sec": n_img / secs if secs else 0.0,
+            "skipped_done": len(mine) - len(todo)}
