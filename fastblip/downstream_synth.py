@@ -160,3 +160,28 @@ def make_video(out_dir, num: int = 16, frames: int = 12, image_size: int = 32, s
     p = out / "video_test.json"
     p.write_text(json.dumps(anns), encoding="utf-8")
     return {"test_json": str(p), "video_root": str(out / "videos"), "out": str(out)}
+
+
+_MAKERS = {"vqa": ("answer_list.json", make_vqa), "nlvr": ("nlvr_dev.json", make_nlvr),  # last file written
+           "video": ("video_test.json", make_video)}
+
+
+def ensure_downstream(kind: str, spec: dict) -> None:
+    """Generate the ``kind`` set (``make_<kind>(**spec)``) when ``spec["out_dir"]`` lacks it; a recipe's
+    ``task_options.synthetic``. Under torchrun rank 0 writes and the other ranks wait at a barrier (every rank
+    builds its loader at the same point, so the barrier is collective)."""
+    if not spec:
+        return
+    if "out_dir" not in spec:
+        raise ValueError("recipe key 'task_options.synthetic' needs an 'out_dir'")
+    import torch.distributed as dist
+
+    marker, make = _MAKERS[kind]
+    distributed = dist.is_available() and dist.is_initialized()
+    if not (Path(spec["out_dir"]) / marker).is_file() and (not distributed or dist.get_rank() == 0):
+        try:
+            make(**spec)
+        except TypeError as e:
+            raise ValueError(f"recipe key 'task_options.synthetic': {e}") from None
+    if distributed:
+        dist.barrier()

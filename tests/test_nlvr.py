@@ -78,3 +78,31 @@ def test_init_from_pretrained_copies_cross_attention():
         torch.testing.assert_close(m.text_encoder.encoder.layer[0].crossattention.__getattr__(f"self{i}").query.weight, w)
     d = sd["text_encoder.encoder.layer.1.crossattention.output.dense.weight"]
     torch.testing.assert_close(m.text_encoder.encoder.layer[1].crossattention.output.dense1.weight, d)
+
+
+def test_recipe_init_from_retrieval_checkpoint_maps_cross_attention(tmp_path):
+    """model.init_from = a single-cross-attention checkpoint: build_and_init maps it (self -> self0/self1,
+    dense -> dense0/dense1) before load_matching, so every cross-attention weight is loaded, not dropped."""
+    from fastblip.train.init import build_and_init
+    from fastblip.train.recipe import read_recipe
+
+    torch.manual_seed(3)
+    src = build_model(tiny_config("retrieval", ops_backend="reference")).state_dict()
+    torch.save({"model": src}, tmp_path / "retrieval.pth")
+    recipe = read_recipe("recipes/finetune_nlvr_tiny_cpu.yaml", [f"model.init_from={tmp_path / 'retrieval.pth'}"])
+    m = build_and_init(recipe)
+    own = m.state_dict()
+    for i in range(len(m.text_encoder.encoder.layer)):
+        pre = f"text_encoder.encoder.layer.{i}.crossattention."
+        for name in ("query.weight", "key.weight", "value.bias"):
+            for j in (0, 1):
+                torch.testing.assert_close(own[f"{pre}self{j}.{name}"], src[f"{pre}self.{name}"], rtol=0, atol=0)
+        for j in (0, 1):
+            torch.testing.assert_close(own[f"{pre}output.dense{j}.weight"], src[f"{pre}output.dense.weight"],
+                                       rtol=0, atol=0)
+    torch.testing.assert_close(own["visual_encoder.pos_embed"], src["visual_encoder.pos_embed"], rtol=0, atol=0)
+    # a native NLVR checkpoint (self0/self1 keys) goes through unchanged
+    torch.save({"model": own}, tmp_path / "nlvr.pth")
+    again = build_and_init(read_recipe("recipes/finetune_nlvr_tiny_cpu.yaml",
+                                       [f"model.init_from={tmp_path / 'nlvr.pth'}"])).state_dict()
+    assert all(torch.equal(again[k], v) for k, v in own.items())

@@ -19,6 +19,8 @@ from fastblip.tasks.vqa import JsonTaskLoader, _open_rgb, _transform, read_json_
 class Options:
     max_words: int = 40  # official nlvr_dataset: pre_caption(sentence, 40)
     eval_batch_size: int = 0  # 0 = data.batch_size
+    # make_nlvr kwargs (out_dir, num_train, num_dev, image_size, seed): generated when out_dir has no set yet
+    synthetic: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -46,12 +48,14 @@ def swap_sides(sentence: str) -> str:
 def build_loader(recipe, *, train: bool, rank: int = 0, world_size: int = 1, epoch: int = 0, device=None):
     from fastblip.data.text import pre_caption
     from fastblip.data.tokenizer import load_tokenizer
+    from fastblip.downstream_synth import ensure_downstream
 
     d = recipe.data
     sources = d.train if train else d.eval
     if not sources:
         raise ValueError(f"recipe key 'data.{'train' if train else 'eval'}' is empty")
     opts = recipe.options()
+    ensure_downstream("nlvr", opts.synthetic)
     tf, tok = _transform(recipe, train), load_tokenizer()
 
     def make(e: dict, rng: np.random.Generator) -> dict:

@@ -9,7 +9,7 @@ model, or video QA with a VQA model (``task_options.mode``).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastblip.tasks.vqa import read_json_sources
@@ -25,6 +25,8 @@ class Options:
     answer_list: str = ""  # qa with inference=rank
     inference: str = "rank"  # qa: rank | generate
     video_batch: int = 4
+    # make_video kwargs (out_dir, num, frames, image_size, seed): generated when out_dir has no clips yet
+    synthetic: dict = field(default_factory=dict)
 
 
 def build_loader(recipe, *, train: bool, rank: int = 0, world_size: int = 1, epoch: int = 0, device=None):
@@ -32,6 +34,9 @@ def build_loader(recipe, *, train: bool, rank: int = 0, world_size: int = 1, epo
 
 
 def _entries(recipe, opts: Options) -> list[tuple[str, dict]]:
+    from fastblip.downstream_synth import ensure_downstream
+
+    ensure_downstream("video", opts.synthetic)
     if not recipe.data.eval:
         raise ValueError("recipe key 'data.eval' is empty")
     out = []

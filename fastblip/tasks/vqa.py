@@ -33,6 +33,8 @@ class Options:
     k_test: int = 128
     results_file: str = ""  # default: <train.out_dir>/vqa_result.json
     eval_batch_size: int = 0  # 0 = data.batch_size
+    # make_vqa kwargs (out_dir, num_train, num_val, image_size, seed): generated when out_dir has no set yet
+    synthetic: dict = field(default_factory=dict)
 
 
 def pre_question(question: str, max_words: int = 50) -> str:
@@ -162,11 +164,14 @@ def _transform(recipe, train: bool):
 
 def build_loader(recipe, *, train: bool, rank: int = 0, world_size: int = 1, epoch: int = 0, device=None):
     from fastblip.data.tokenizer import load_tokenizer
+    from fastblip.downstream_synth import ensure_downstream
 
     d = recipe.data
     sources = d.train if train else d.eval
     if not sources:
         raise ValueError(f"recipe key 'data.{'train' if train else 'eval'}' is empty")
+    opts = recipe.options()
+    ensure_downstream("vqa", opts.synthetic)
     tf, tok, max_len = _transform(recipe, train), load_tokenizer(), d.max_length
 
     def make(e: dict, rng: np.random.Generator) -> dict:
@@ -194,7 +199,6 @@ def build_loader(recipe, *, train: bool, rank: int = 0, world_size: int = 1, epo
                         [s["qid"] for s in samples], [s["question"] for s in samples],
                         [s["human"] for s in samples])
 
-    opts = recipe.options()
     bs = d.batch_size if train or not opts.eval_batch_size else opts.eval_batch_size
     loader = JsonTaskLoader(read_json_sources(sources), make, collate, batch_size=bs, train=train,
                             seed=recipe.train.seed, rank=rank, world_size=world_size, num_workers=d.num_workers,
@@ -214,10 +218,12 @@ def evaluate(model, recipe, *, rank: int = 0, world_size: int = 1) -> dict:
     """{"vqa_acc" (percent, when the eval JSON has answers), "num_questions", "results_file"}."""
     import torch.distributed as dist
 
+    from fastblip.downstream_synth import ensure_downstream
     from fastblip.eval.vqa import vqa_accuracy, write_results
     from fastblip.tasks.retrieval import amp_dtype
 
     opts = recipe.options()
+    ensure_downstream("vqa", opts.synthetic)  # an eval-only run reads the answer list before any loader
     if opts.inference not in ("rank", "generate"):
         raise ValueError(f"task_options.inference: {opts.inference!r} is not rank or generate")
     answer_list = load_answer_list(opts.answer_list) if opts.inference == "rank" else None
