@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from fastblip.cli import UserError
 
-class MissingExtraError(ImportError):
+
+class MissingExtraError(UserError, ImportError):
     """An optional dependency group is not installed."""
 
 
