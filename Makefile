@@ -12,9 +12,11 @@ install:
 test: install
 	$(PY) -m ruff check fastblip kernels benchmarks tests
 	$(PY) -m pytest -q tests
+	# benchmark smoke run (tiny, CPU; Triton kernels through the interpreter) so the suites never rot
+	TRITON_INTERPRET=1 $(PY) -m benchmarks all --device cpu --size tiny --no-write
 
 demo: install
-	fastblip demo --budget small
+	$(PY) -m fastblip demo --budget small
 
 lint:
 	$(PY) -m ruff check fastblip kernels benchmarks tests
