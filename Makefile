@@ -11,9 +11,9 @@ install:
 
 test: install
 	$(PY) -m ruff check fastblip kernels benchmarks tests
-	$(PY) -m pytest -q tests
 	# benchmark smoke run (tiny, CPU; Triton kernels through the interpreter) so the suites never rot
 	TRITON_INTERPRET=1 $(PY) -m benchmarks all --device cpu --size tiny --no-write
+	$(PY) -m pytest -q tests
 
 demo: install
 	$(PY) -m fastblip demo --budget small
