@@ -13,7 +13,6 @@ from pathlib import Path
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    import torch
     import torch.distributed as dist
 
     from fastblip.capfilt.pipeline import collect, expand_input, run_capfilt
@@ -27,18 +26,10 @@ def run_cli(args: argparse.Namespace) -> int:
         if "://" not in p and not os.path.exists(p):
             raise FileNotFoundError(f"capfilt: {key} checkpoint not found: {p}")
     urls = expand_input(recipe.input)
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if recipe.device == "auto":
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local)
-            device = torch.device("cuda", local)
-        else:
-            device = torch.device("cpu")
-    else:
-        device = torch.device(recipe.device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    from fastblip.train.distributed import init_distributed
+
+    info = init_distributed(None if recipe.device == "auto" else recipe.device)
+    world, rank, device = info.world_size, info.rank, info.device
     mine = run_capfilt(recipe, rank=rank, world_size=world, device=device)
     if world > 1:
         dist.barrier()

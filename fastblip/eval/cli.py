@@ -10,27 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 
 log = logging.getLogger("fastblip.eval")
-
-
-def init_distributed() -> tuple[int, int, object]:
-    """(rank, world_size, device) from torchrun's environment; initialises the process group when needed."""
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
 
 
 def load_model_for(recipe, device):
@@ -53,7 +34,10 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"task '{recipe.task}' has no evaluation")
     if not recipe.data.eval:
         raise ValueError("recipe key 'data.eval' is empty: nothing to evaluate")
-    rank, world, device = init_distributed()
+    from fastblip.train.distributed import init_distributed
+
+    info = init_distributed()
+    rank, world, device = info.rank, info.world_size, info.device
     model = load_model_for(recipe, device)
     metrics = task.evaluate(model, recipe, rank=rank, world_size=world)
     if rank == 0:
