@@ -51,9 +51,7 @@ def build_loader(recipe, *, train: bool, rank: int = 0, world_size: int = 1, epo
     from fastblip.downstream_synth import ensure_downstream
 
     d = recipe.data
-    sources = d.train if train else d.eval
-    if not sources:
-        raise ValueError(f"recipe key 'data.{'train' if train else 'eval'}' is empty")
+    sources = d.sources(train)
     opts = recipe.options()
     ensure_downstream("nlvr", opts.synthetic)
     tf, tok = _transform(recipe, train), load_tokenizer()

@@ -22,9 +22,7 @@ def build_loader(recipe, *, train: bool, rank: int = 0, world_size: int = 1, epo
     from fastblip.data.loader import build_loader as _build
 
     d = recipe.data
-    sources = d.train if train else d.eval
-    if not sources:
-        raise ValueError(f"recipe key 'data.{'train' if train else 'eval'}' is empty")
+    sources = d.sources(train)
     opts = recipe.options()
     bs = d.batch_size if train or not opts.eval_batch_size else opts.eval_batch_size
     loader = _build(sources, image_size=d.image_size, batch_size=bs, train=train, max_words=d.max_words,

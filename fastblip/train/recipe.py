@@ -57,6 +57,13 @@ class DataSection:
     # out_dir has no synth.json yet; empty = do nothing
     synthetic: dict = field(default_factory=dict)
 
+    def sources(self, train: bool) -> list:
+        """``train`` or ``eval`` sources; an empty list is a recipe error naming the key."""
+        src = self.train if train else self.eval
+        if not src:
+            raise ConfigError(f"recipe key 'data.{'train' if train else 'eval'}' is empty")
+        return src
+
 
 @dataclass
 class TrainSection:
