@@ -47,7 +47,7 @@ def _require_dali() -> None:
 
 def build_pipeline(paths: list[str], *, image_size: int, batch_size: int, train: bool, device_id: int | None,
                    num_threads: int = 2, seed: int = 0, shard_id: int = 0, num_shards: int = 1,
-                   shuffle: bool = False, min_scale: float = 0.2, prefetch: int = 2):  # fmt: skip
+                   shuffle: bool = False, min_scale: float = 0.2, prefetch: int = 2, hflip: bool = True):  # fmt: skip
     """The DALI pipeline: outputs (images CHW float normalised, txt bytes, json bytes)."""
     _require_dali()
     decode_dev = "mixed" if device_id is not None else "cpu"
@@ -65,7 +65,7 @@ def build_pipeline(paths: list[str], *, image_size: int, batch_size: int, train:
                 jpg, device=decode_dev, output_type=types.RGB, random_area=[min_scale, 1.0],
                 random_aspect_ratio=[3.0 / 4.0, 4.0 / 3.0], num_attempts=10,
             )  # fmt: skip
-            mirror = fn.random.coin_flip(probability=0.5)
+            mirror = fn.random.coin_flip(probability=0.5) if hflip else 0
         else:
             img = fn.decoders.image(jpg, device=decode_dev, output_type=types.RGB)
             mirror = 0
@@ -108,6 +108,7 @@ class DaliLoader:
             paths, image_size=cfg["image_size"], batch_size=cfg["batch_size"], train=cfg["train"],
             device_id=device_id, num_threads=cfg["num_threads"], seed=cfg["seed"], shard_id=cfg["rank"],
             num_shards=cfg["world_size"], shuffle=cfg["shuffle"], min_scale=cfg["min_scale"],
+            hflip=cfg.get("hflip", True),
         )  # fmt: skip
         self.samples_per_epoch = self.pipe.epoch_size("reader") // cfg["world_size"]
 
@@ -178,7 +179,7 @@ class DaliLoader:
 def build_dali_loader(sources, *, image_size: int, batch_size: int, train: bool, tokenizer, max_words: int = 30,
                       max_length: int = 35, prompt: str = "", min_scale: float = 0.2, seed: int = 0, rank: int = 0,
                       world_size: int = 1, shuffle: bool = False, padding: str = "longest", device=None,
-                      num_threads: int = 2, randaugment: bool = True) -> DaliLoader:  # fmt: skip
+                      num_threads: int = 2, randaugment: bool = True, hflip: bool = True) -> DaliLoader:  # fmt: skip
     _require_dali()
     src = parse_sources(sources)
     if src.json:
@@ -199,5 +200,5 @@ def build_dali_loader(sources, *, image_size: int, batch_size: int, train: bool,
         )
     cfg = dict(image_size=image_size, batch_size=batch_size, train=train, max_words=max_words, max_length=max_length,
                prompt=prompt, min_scale=min_scale, seed=seed, rank=rank, world_size=world_size, shuffle=shuffle,
-               padding=padding, device=device, num_threads=num_threads)  # fmt: skip
+               padding=padding, device=device, num_threads=num_threads, hflip=hflip)  # fmt: skip
     return DaliLoader(paths, cfg, tokenizer, skipped)

@@ -124,6 +124,7 @@ def build_loader(
     prompt: str = "",
     min_scale: float = 0.2,
     randaugment: bool = True,
+    hflip: bool = True,
     backend: str = "pil",
     num_workers: int = 2,
     seed: int = 0,
@@ -140,7 +141,7 @@ def build_loader(
 ):
     """A Loader over shard specs and/or BLIP JSON files (see readers.py for the spec syntax).
 
-    ``train`` picks the transform (train: RandomResizedCrop(scale=(min_scale, 1)) + flip + RandomAugment;
+    ``train`` picks the transform (train: RandomResizedCrop(scale=(min_scale, 1)) + flip (unless ``hflip=False``) + RandomAugment;
     eval: resize) and the defaults shuffle=drop_last=train. JSON sources in train mode give one sample per
     (image, caption); in eval mode one per image (``meta["captions"]`` holds them all). ``padding``:
     "longest", "max_length" or "buckets:8,16,24,32". Raises before any work when nothing is readable.
@@ -162,6 +163,7 @@ def build_loader(
             max_words=max_words, max_length=max_length, prompt=prompt, min_scale=min_scale,
             seed=seed, rank=rank, world_size=world_size, shuffle=shuffle, padding=padding,
             device=device, num_threads=max(1, num_workers), randaugment=randaugment,
+            hflip=hflip,
         )  # fmt: skip
     src = parse_sources(sources, flatten_json=train)
     preflight(src)
@@ -171,7 +173,7 @@ def build_loader(
         world_size=world_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
         max_words=max_words, max_length=max_length, prompt=prompt, padding=padding,
     )  # fmt: skip
-    tf = train_transform(image_size, (min_scale, 1.0), randaugment) if train else eval_transform(image_size)
+    tf = train_transform(image_size, (min_scale, 1.0), randaugment, hflip) if train else eval_transform(image_size)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
     stream = BlipStream(cfg, tf, tok)

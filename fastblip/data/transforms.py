@@ -147,8 +147,9 @@ def to_tensor_normalized(img: Image.Image) -> torch.Tensor:
 
 
 class TrainTransform:
-    def __init__(self, image_size: int, scale=(0.2, 1.0), randaugment: bool = True):
+    def __init__(self, image_size: int, scale=(0.2, 1.0), randaugment: bool = True, hflip: bool = True):
         self.image_size = int(image_size)
+        self.hflip = bool(hflip)
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (3.0 / 4.0, 4.0 / 3.0)
         self.randaugment = RandomAugment(2, 5) if randaugment else None
@@ -158,7 +159,7 @@ class TrainTransform:
         top, left, h, w = random_resized_crop_params(img.width, img.height, self.scale, self.ratio, rng)
         s = self.image_size
         img = img.crop((left, top, left + w, top + h)).resize((s, s), Image.BICUBIC)
-        if rng.random() < 0.5:
+        if self.hflip and rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         if self.randaugment is not None:
             img = self.randaugment(img, rng)
@@ -175,10 +176,13 @@ class EvalTransform:
 
 
 def train_transform(
-    image_size: int, scale: tuple[float, float] = (0.2, 1.0), randaugment: bool = True
+    image_size: int, scale: tuple[float, float] = (0.2, 1.0), randaugment: bool = True, hflip: bool = True
 ) -> Callable[..., torch.Tensor]:
-    """BLIP's train transform: ``f(img, rng=None) -> (3, size, size)`` float tensor."""
-    return TrainTransform(image_size, scale, randaugment)
+    """BLIP's train transform: ``f(img, rng=None) -> (3, size, size)`` float tensor.
+
+    ``hflip=False`` drops the horizontal flip (BLIP flips; turn it off when captions name left and right, as
+    the synthetic set's do: a flipped "circle on the left" is a wrong caption)."""
+    return TrainTransform(image_size, scale, randaugment, hflip)
 
 
 def eval_transform(image_size: int) -> Callable[..., torch.Tensor]:

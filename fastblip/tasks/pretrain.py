@@ -27,6 +27,7 @@ def build_loader(recipe, *, train: bool, rank: int = 0, world_size: int = 1, epo
     bs = d.batch_size if train or not opts.eval_batch_size else opts.eval_batch_size
     loader = _build(sources, image_size=d.image_size, batch_size=bs, train=train, max_words=d.max_words,
                     max_length=d.max_length, prompt="", min_scale=d.min_scale, randaugment=d.randaugment,
+                    hflip=d.hflip,
                     backend=d.backend, num_workers=d.num_workers, seed=recipe.train.seed, rank=rank,
                     world_size=world_size, resampled=d.resampled and train, padding=d.padding, device=device,
                     batches_per_epoch=d.batches_per_epoch if train else None)

@@ -159,7 +159,7 @@ def _transform(recipe, train: bool):
     from fastblip.data.transforms import eval_transform, train_transform
 
     d = recipe.data
-    return train_transform(d.image_size, (d.min_scale, 1.0), d.randaugment) if train else eval_transform(d.image_size)
+    return train_transform(d.image_size, (d.min_scale, 1.0), d.randaugment, d.hflip) if train else eval_transform(d.image_size)
 
 
 def build_loader(recipe, *, train: bool, rank: int = 0, world_size: int = 1, epoch: int = 0, device=None):

@@ -49,6 +49,7 @@ class DataSection:
     max_length: int = 30
     min_scale: float = 0.2  # RandomResizedCrop scale (0.2 pretrain, 0.5 finetune)
     randaugment: bool = True
+    hflip: bool = True  # random horizontal flip in train transforms (off when captions say left/right)
     padding: str = "longest"  # longest | max_length | buckets[:8,16,24,32]
     prompt: str = ""
     resampled: bool = False  # web shards across ranks: sample with replacement, fixed batches per epoch
