@@ -37,6 +37,7 @@ class VisionConfig:
     drop_path_rate: float = 0.0
     grad_ckpt: bool = False
     ckpt_layer: int = 0  # checkpoint the *last* ckpt_layer blocks (i >= depth - ckpt_layer)
+    init_std: float = 0.02  # trunc-normal std of linear weights, pos_embed and cls_token at random init (timm)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class TextConfig:
     sep_token_id: int = 102  # [SEP], eos for generation
     cls_token_id: int = 101
     label_smoothing: float = 0.1
+    initializer_range: float = 0.02  # normal std of linear/embedding weights at random init (BERT)
     # NLVR2 layout: number of images cross-attended per layer (1 everywhere else)
     num_cross_images: int = 1
 

@@ -87,7 +87,7 @@ class NlvrBertModel(nn.Module):
         self.embeddings = BertEmbeddings(cfg)
         self.encoder = nn.Module()
         self.encoder.layer = nn.ModuleList(NlvrBertLayer(cfg, encoder_width, i) for i in range(cfg.num_layers))
-        self.apply(lambda m: _init_bert(m, 0.02))
+        self.apply(lambda m: _init_bert(m, cfg.initializer_range))
 
     def set_backends(self, attention: str, ops: str | None) -> None:
         for m in self.modules():

@@ -177,7 +177,7 @@ class BertModel(nn.Module):
         self.embeddings = BertEmbeddings(cfg)
         self.encoder = nn.Module()
         self.encoder.layer = nn.ModuleList(BertLayer(cfg, encoder_width) for _ in range(cfg.num_layers))
-        self.apply(lambda m: _init_bert(m, 0.02))
+        self.apply(lambda m: _init_bert(m, cfg.initializer_range))
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -253,7 +253,7 @@ class BertLMHeadModel(nn.Module):
         self.cfg = cfg
         self.bert = BertModel(cfg, encoder_width)
         self.cls = BertOnlyMLMHead(cfg)
-        _init_bert(self.cls.predictions.transform.dense, 0.02)
+        _init_bert(self.cls.predictions.transform.dense, cfg.initializer_range)
         self.tie_weights()
 
     def tie_weights(self) -> None:

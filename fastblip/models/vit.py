@@ -88,9 +88,9 @@ class VisionTransformer(nn.Module):
             Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.layer_norm_eps, dpr[i]) for i in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.apply(_init_weights)
+        nn.init.trunc_normal_(self.pos_embed, std=cfg.init_std)
+        nn.init.trunc_normal_(self.cls_token, std=cfg.init_std)
+        self.apply(lambda m: _init_weights(m, cfg.init_std))
 
     def set_attention_backend(self, backend: str) -> None:
         for b in self.blocks:
@@ -110,9 +110,9 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
 
-def _init_weights(m: nn.Module) -> None:
+def _init_weights(m: nn.Module, std: float = 0.02) -> None:
     if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
+        nn.init.trunc_normal_(m.weight, std=std)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
     elif isinstance(m, nn.LayerNorm):
