@@ -32,6 +32,18 @@ def _read_state(path: str) -> dict:
     return fastblip.load(str(p)).state_dict()
 
 
+def summarize_keys(keys: list[str], limit: int = 6) -> str:
+    """``"text_decoder.* (61), temp (1)"``: dropped/missing keys grouped by their first module, for one log line
+    (a task model built from a pretraining checkpoint drops the whole decoder: 60+ keys)."""
+    groups: dict[str, int] = {}
+    for k in keys:
+        head = k.split(" ", 1)[0]
+        head = head.split(".", 1)[0] + (".*" if "." in head else "")
+        groups[head] = groups.get(head, 0) + 1
+    items = [f"{g} ({n})" for g, n in groups.items()]
+    return ", ".join(items[:limit]) + (f", ... {len(items) - limit} more groups" if len(items) > limit else "")
+
+
 def load_matching(model: nn.Module, state: dict) -> dict:
     """Copy the tensors of ``state`` that fit ``model``; returns {"loaded", "dropped", "missing"} key lists."""
     from fastblip.models.vit import interpolate_pos_embed
@@ -99,8 +111,9 @@ def build_and_init(recipe: Recipe) -> nn.Module:
         rep = load_matching(model, state)
         log.info("init_from %s: loaded %d tensors, dropped %d, missing %d", m.init_from, len(rep["loaded"]),
                  len(rep["dropped"]), len(rep["missing"]))
-        for d in rep["dropped"]:
-            log.warning("init_from: dropped %s", d)
+        if rep["dropped"]:
+            log.warning("init_from: dropped %d tensors the model has no place for: %s", len(rep["dropped"]),
+                        summarize_keys(rep["dropped"]))
         has_m = any(k.startswith("visual_encoder_m.") for k in rep["loaded"])
         touched = touched or not has_m
     if touched:

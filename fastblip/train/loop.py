@@ -180,13 +180,37 @@ class Trainer:
         self.loader.load_state_dict(mine["data"])
         ck.set_rng_state(mine["rng"])
 
-    def save(self) -> Path | None:
+    def save(self, export: bool = False) -> Path | None:
+        """Write the resumable checkpoint; ``export`` also writes ``out_dir/model``, a fastblip directory
+        that ``fastblip.load`` (and ``capfilt captioner=... filter=...``, ``eval``, ``init_from``) reads."""
         st = self.state_dict()  # collective under torchrun: every rank calls it
         path = None
         if self.info.is_main:
             path = ck.save_checkpoint(self.out_dir, self.step, st, self.recipe.train.keep_last)
+            if export:
+                self._export(st["model"])
         barrier()
         return path
+
+    def _export(self, model_sd: dict) -> Path:
+        import shutil
+
+        from fastblip.checkpoints.io import save_fastblip_dir
+
+        model = self.model
+        if self._sharded():  # parameters are DTensor shards: a CPU copy from the gathered full state
+            from fastblip.models.blip import build_model
+
+            model = build_model(self.model.cfg)
+            model.load_state_dict(model_sd)
+            model.tokenizer = self.model.tokenizer
+        final, tmp = self.out_dir / "model", self.out_dir / "model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_fastblip_dir(model, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        log.info("exported %s (step %d)", final, self.step)
+        return final
 
     # ------------------------------------------------------------------ loop
     def _autocast(self):
@@ -295,7 +319,7 @@ class Trainer:
             self.model.train()
             self._log({"eval": metrics, "step": self.step, "epoch": self.epoch - int(advance)}, None, log_f)
             self.last_metrics.update({f"eval_{k}": v for k, v in metrics.items()})
-        self.save()
+        self.save(export=self.step >= self.total_steps or self.epoch >= t.epochs)
 
     def _data_stats(self) -> dict:
         s = getattr(self.loader, "stats", None) or {}
