@@ -33,24 +33,38 @@ class Budget:
     human: int  # clean human-annotated images
     eval: int  # eval images
     pre_epochs: int  # pretraining epochs over human + web
-    ft_epochs: int  # finetuning epochs (captioner and filter) over human
+    cap_epochs: int  # captioner finetuning epochs over human
+    filt_epochs: int  # filter finetuning epochs over human
     batch: int = 32
 
 
 BUDGETS = {
-    "tiny": Budget(web=128, human=96, eval=32, pre_epochs=2, ft_epochs=2),
-    "small": Budget(web=1200, human=800, eval=200, pre_epochs=8, ft_epochs=8),
-    "medium": Budget(web=4000, human=2500, eval=400, pre_epochs=12, ft_epochs=10),
+    "tiny": Budget(web=400, human=300, eval=100, pre_epochs=10, cap_epochs=4, filt_epochs=20),
+    "small": Budget(web=1200, human=800, eval=200, pre_epochs=8, cap_epochs=8, filt_epochs=15),
+    "medium": Budget(web=4000, human=2500, eval=400, pre_epochs=12, cap_epochs=10, filt_epochs=15),
 }
 NOISE = 0.4
 IMAGE = 64  # model input size = the synthetic images' size; patch 16 gives the tiny ViT 16 patches + [CLS]
 # (measured: at 32 px / patch 8, the same 17 tokens, an in-batch contrastive loss was 2.7 after 120 steps
 # against 2.1 at 64 px / patch 16: the shapes are only a few pixels wide at 32 px)
+# How a width-64 BLIP learns anything in CPU minutes (measured on this set, 2 cores, 2026-11-23):
+# - random-init scale: with the official std 0.02 at width 64, every [CLS] feature is the same vector at init
+#   (pairwise cosine 1.000 text, 0.98 image): attention and MLP add ~σ²·width ≈ 0.03 of the residual per layer
+#   (≈ 0.3 at BERT-base width). ITC then has nothing to pull apart and collapses every feature onto one
+#   direction. σ = 1/√width (text) and 2/√width (vision) start at cosine 0.92 / 0.84;
+# - queue 32 = one batch: the official queue starts as random unit vectors, and pushing features away from them
+#   is the cheapest early gain, so a 128-entry queue collapsed the tiny model in 20 steps where 32 did not;
+# - no flip and crops ≥ 0.9 of the image: the captions say "left"/"right" and name every shape;
+# - lr 2e-3 (pretrain, filter) with a 10-step warmup: retrieval leaves chance after ~100 steps instead of ~200.
+# All are recipe values; the model code is the official computation.
+TEXT_INIT_STD, VISION_INIT_STD = 0.125, 0.25
+PRETRAIN_LR = FILTER_LR = 2e-3
 
 
 def _recipe(task: str, out: Path, train: list, eval_: list, epochs: int, bs: int, *, lr: float = 1e-3,
             schedule: str = "step", init_from: str | None = None, prompt: str = "", max_steps: int = 0,
-            batches_per_epoch: int | None = None, queue: int = 128, alpha_ramp: float = 2.0):
+            batches_per_epoch: int | None = None, queue: int = 32, alpha_ramp: float = 2.0,
+            resampled: bool = False):
     from fastblip.train.recipe import DataSection, ModelSection, Recipe, TrainSection
 
     return Recipe(
@@ -58,12 +72,13 @@ def _recipe(task: str, out: Path, train: list, eval_: list, epochs: int, bs: int
         # no dropout: a tiny model trained from scratch for minutes needs every step (measured: with dropout 0.1
         # an in-batch contrastive loss sat at chance ~40 steps longer on the synthetic set)
         model=ModelSection(preset="tiny", init_from=init_from,
-                           config={"queue_size": queue, "vision": {"patch_size": 16},
-                                   "text": {"hidden_dropout": 0.0, "attention_dropout": 0.0}}),
+                           config={"queue_size": queue, "vision": {"patch_size": 16, "init_std": VISION_INIT_STD},
+                                   "text": {"hidden_dropout": 0.0, "attention_dropout": 0.0,
+                                            "initializer_range": TEXT_INIT_STD}}),
         data=DataSection(train=train, eval=eval_, image_size=IMAGE, batch_size=bs, num_workers=1, max_words=30,
-                         max_length=35 if task != "pretrain" else 30, min_scale=0.5, randaugment=False,
-                         prompt=prompt, resampled=False, batches_per_epoch=batches_per_epoch),
-        train=TrainSection(epochs=epochs, max_steps=max_steps, lr=lr, min_lr=1e-5, warmup_steps=20, warmup_lr=1e-5,
+                         max_length=35 if task != "pretrain" else 30, min_scale=0.9, randaugment=False, hflip=False,
+                         prompt=prompt, resampled=resampled, batches_per_epoch=batches_per_epoch),
+        train=TrainSection(epochs=epochs, max_steps=max_steps, lr=lr, min_lr=1e-5, warmup_steps=10, warmup_lr=1e-5,
                            schedule=schedule, alpha=0.4, alpha_ramp_epochs=alpha_ramp, seed=42, log_every=5,
                            keep_last=1, eval_every_epoch=False, out_dir=str(out)),
         task_options={},
@@ -199,14 +214,14 @@ def run_demo(out: str | Path = "demo_out", budget: str = "small", seed: int = 0,
     web_json, human_json, eval_json = data["web_json"], data["human_json"], data["eval_json"]
 
     pre1, pre1_ckpt, steps, _ = _train(_recipe("pretrain", out / "pretrain_noisy", [human_json, web_json],
-                                               [eval_json], bud.pre_epochs, bud.batch), progress)
+                                               [eval_json], bud.pre_epochs, bud.batch, lr=PRETRAIN_LR), progress)
     stage("pretrain on human + noisy web")
-    cap, _, _, _ = _train(_recipe("caption", out / "captioner", [human_json], [eval_json], bud.ft_epochs,
+    cap, _, _, _ = _train(_recipe("caption", out / "captioner", [human_json], [eval_json], bud.cap_epochs,
                                   bud.batch, schedule="cosine", init_from=pre1_ckpt, prompt="a picture of "),
                           progress)
     stage("finetune captioner")
-    filt, _, _, _ = _train(_recipe("retrieval", out / "filter", [human_json], [eval_json], bud.ft_epochs,
-                                   bud.batch, schedule="cosine", init_from=pre1_ckpt, alpha_ramp=1.0), progress)
+    filt, _, _, _ = _train(_recipe("retrieval", out / "filter", [human_json], [eval_json], bud.filt_epochs,
+                                   bud.batch, schedule="cosine", init_from=pre1_ckpt, alpha_ramp=1.0, lr=FILTER_LR), progress)
     stage("finetune filter")
 
     boot = out / "capfilt"
@@ -218,11 +233,12 @@ def run_demo(out: str | Path = "demo_out", budget: str = "small", seed: int = 0,
     totals = collect(boot, expand_input(cf.input))
     stage("capfilt")
 
+    # the same optimiser steps and lr schedule as the first pretraining: its steps per epoch, drawn with
+    # replacement from human + filtered web + filtered synthetic (the bootstrapped set is smaller than human + web)
     boot_sources = [human_json] + sorted(str(p) for p in boot.glob("*.tar"))
-    n_boot = bud.human + totals["pairs"]
     pre2, _, _, _ = _train(_recipe("pretrain", out / "pretrain_boot", boot_sources, [eval_json], bud.pre_epochs,
-                                   bud.batch, max_steps=steps, batches_per_epoch=max(1, -(-n_boot // bud.batch))),
-                           progress)
+                                   bud.batch, lr=PRETRAIN_LR, max_steps=steps, batches_per_epoch=max(1, steps // bud.pre_epochs),
+                                   resampled=True), progress)
     stage("pretrain on bootstrapped set")
 
     captions = _has_caption_metrics()
