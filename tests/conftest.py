@@ -27,3 +27,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory):
+    """``fastblip demo --budget tiny`` once per session (~3 min on 2 cores): its report and its trained tiny
+    models (``pretrain_noisy/model``, ``captioner/model``, ``filter/model``, ``pretrain_boot/model``, fastblip
+    dirs at 64 px / patch 16) serve the demo, CapFilt and downstream-task tests."""
+    from fastblip.demo import run_demo
+
+    out = tmp_path_factory.mktemp("tiny_demo")
+    return out, run_demo(out, "tiny", seed=0, progress=False)

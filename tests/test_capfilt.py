@@ -171,3 +171,39 @@ def test_capfilt_resume_two_rank_gloo(synth, random_models, tmp_path):
     ma, mb = _tar_members(out), _tar_members(tmp_path / "straight")
     assert ma.keys() == mb.keys()
     assert all(ma[n] == mb[n] for n in ma if not n.endswith(".json"))
+
+
+def test_trained_tiny_filter_removes_noisy_web_captions(tiny_demo, tmp_path):
+    """Issue 6: tiny pretrain -> finetuned filter and captioner (the session's tiny demo run, which exports each
+    model as a fastblip dir) -> ``fastblip capfilt`` from the CLI on the noisy web split. Precision and recall of
+    the dropped web texts against the ``noisy`` labels, and the ranking quality of the ITM scores, are above
+    bounds a random filter fails (measured 2026-11-23 on 2 cores: precision 0.52, recall 0.92, AUC 0.83; a
+    random filter: precision 0.40, AUC 0.5). Every image gets its synthetic caption."""
+    demo_dir, report = tiny_demo
+    data = json.loads((demo_dir / "data" / "synth.json").read_text())
+    out = tmp_path / "boot"
+    cmd = [sys.executable, "-m", "fastblip.cli", "capfilt", "--recipe", str(ROOT / "recipes/capfilt_tiny_cpu.yaml"),
+           f"captioner={demo_dir / 'captioner' / 'model'}", f"filter={demo_dir / 'filter' / 'model'}",
+           f"input={data['web']}", f"output={out}", "image_size=64", "num_captions=1", "num_workers=1",
+           "progress=false"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    recs = _scores(out)
+    assert len(recs) == report["data"]["web"]
+    web, noisy = [], []
+    for rec in recs.values():
+        by_source = {t["source"]: t for t in rec["texts"]}
+        assert set(by_source) == {"web", "syn0"} and by_source["syn0"]["text"].strip()  # a caption per image
+        web.append(by_source["web"])
+        noisy.append(bool(rec["noisy"]))
+    dropped = [not t["kept"] for t in web]
+    tp = sum(d and n for d, n in zip(dropped, noisy))
+    precision, recall = tp / max(1, sum(dropped)), tp / sum(noisy)
+    noise_rate = sum(noisy) / len(noisy)
+    assert precision >= noise_rate + 0.05 and recall >= 0.5, (precision, recall, noise_rate)
+    clean_s = torch.tensor([t["itm_score"] for t, n in zip(web, noisy) if not n])
+    noisy_s = torch.tensor([t["itm_score"] for t, n in zip(web, noisy) if n])
+    auc = (clean_s[:, None] > noisy_s[None, :]).float().mean().item()
+    assert auc >= 0.7, auc
+    # the same models and seed as the demo's in-process run: the CLI reproduces its decisions
+    assert sum(not d for d in dropped) == report["filter"]["web_kept"]

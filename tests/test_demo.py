@@ -1,7 +1,9 @@
-"""`fastblip demo --budget tiny` end to end: every stage runs and the report is complete and consistent.
+"""`fastblip demo --budget tiny` end to end: every stage runs, the report is complete and consistent, and the
+filter it trained removes noisy web captions better than chance.
 
-The figures in the report are whatever the run measured; this test checks the report's structure and the
-consistency of its counts with the files CapFilt wrote, not how good a minute-long tiny model is.
+The figures in the report are whatever the run measured; these tests check the report's structure, the
+consistency of its counts with the files CapFilt wrote, and the one claim the issue asks of the tiny budget:
+the filter's precision beats the noise base rate. (The run is the session fixture ``tiny_demo``, conftest.py.)
 """
 
 import json
@@ -9,13 +11,12 @@ import math
 
 import pytest
 
-from fastblip.demo import BUDGETS, NOISE, run_demo
+from fastblip.demo import BUDGETS, NOISE
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    return out, run_demo(out, "tiny", seed=0, progress=False)
+def demo(tiny_demo):
+    return tiny_demo
 
 
 def test_report_files_and_structure(demo):
@@ -46,3 +47,12 @@ def test_filter_counts_match_capfilt_output(demo):
     assert report["data"]["bootstrapped_pairs"] == f["web_kept"] + f["synthetic_kept"]
     if f["precision"] is not None:
         assert 0.0 <= f["precision"] <= 1.0 and 0.0 <= f["recall"] <= 1.0
+
+
+def test_filter_precision_beats_noise_base_rate(demo):
+    """Dropping web texts at random has precision = the noise rate (0.4); the tiny filter must beat it by a
+    margin (measured on 2 CPU cores, 2026-11-23: precision 0.519, recall 0.919)."""
+    f = demo[1]["filter"]
+    assert f["precision"] is not None and f["precision"] >= f["noise_rate"] + 0.05, f
+    assert f["recall"] >= 0.5, f
+    assert f["kept_clean_fraction"] > 1.0 - f["noise_rate"], f  # the kept web texts are cleaner than the input
