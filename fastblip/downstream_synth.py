@@ -104,7 +104,11 @@ def make_nlvr(out_dir, num_train: int = 512, num_dev: int = 128, image_size: int
             side = int(rng.integers(2))
             truth = i % 2 == 0
             have = scenes[side][0][1]
-            colour = have if truth else [c for c in NLVR_COLOURS if c != have][int(rng.integers(3))]
+            # a false statement names a colour in neither image: a tiny model can answer from the colours both
+            # images show (a false colour present in the other image would need the side as well: measured, a
+            # tiny model then stays at chance for 1,000+ steps)
+            absent = [c for c in NLVR_COLOURS if c not in (scenes[0][0][1], scenes[1][0][1])]
+            colour = have if truth else absent[int(rng.integers(len(absent)))]
             sentence = f"there is a {colour} shape in the {('left', 'right')[side]} image"
             anns.append({"images": rels, "sentence": sentence, "label": "True" if truth else "False",
                          "identifier": f"{split}-{i}"})
