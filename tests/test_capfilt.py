@@ -142,7 +142,7 @@ def test_capfilt_resume_two_rank_gloo(synth, random_models, tmp_path):
     _, _, cap_dir, flt_dir = random_models
     out = tmp_path / "resumed"
     args = [f"captioner={cap_dir}", f"filter={flt_dir}", f"input={synth['web']}", f"output={out}",
-            "batch_size=8", "max_length=10", "--json"]
+            "batch_size=8", "max_length=10", "image_size=32", "--json"]
     # rank 1 dies after its first shard, half-way through writing its second
     crashed = _torchrun(args, {"FASTBLIP_CAPFILT_CRASH_AFTER": "1:1"})
     assert crashed.returncode != 0, crashed.stdout + crashed.stderr
@@ -184,7 +184,7 @@ def test_trained_tiny_filter_removes_noisy_web_captions(tiny_demo, tmp_path):
     out = tmp_path / "boot"
     cmd = [sys.executable, "-m", "fastblip.cli", "capfilt", "--recipe", str(ROOT / "recipes/capfilt_tiny_cpu.yaml"),
            f"captioner={demo_dir / 'captioner' / 'model'}", f"filter={demo_dir / 'filter' / 'model'}",
-           f"input={data['web']}", f"output={out}", "image_size=64", "num_captions=1", "num_workers=1",
+           f"input={data['web']}", f"output={out}", "num_captions=1", "num_workers=1",
            "progress=false"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -52,7 +52,8 @@ def test_tiny_recipe_loss_falls_and_counts_bad_samples(synth, tmp_path):
     bad.write_bytes(b"not a jpeg")  # a corrupt image must be skipped and counted, never stop the run
     r = _recipe(synth, tmp_path / "run", "train.epochs=2", "data.batch_size=16", "train.warmup_steps=5",
                 "train.lr=2e-3", "task_options.eval_batches=1")
-    metrics = Trainer(r, progress=False).fit()
+    tr = Trainer(r, progress=False)
+    metrics = tr.fit()
     log = [x for x in _log(tmp_path / "run") if "eval" not in x]
     assert len(log) == 2 * (96 // 16)  # one step per batch; the bad pair is replaced by the next sample
     first = sum(x["loss"] for x in log[:2]) / 2
@@ -61,6 +62,14 @@ def test_tiny_recipe_loss_falls_and_counts_bad_samples(synth, tmp_path):
     assert log[-1]["data"]["skipped"] and sum(log[-1]["data"]["skipped"].values()) >= 1
     assert "eval_lm_loss" in metrics and metrics["eval_lm_loss"] < log[0]["lm_loss"]
     assert len(ck.list_checkpoints(tmp_path / "run")) == 2  # one per epoch end, keep_last 2
+    # the finished run exports out_dir/model, a fastblip dir that loads back to the trained weights
+    import fastblip
+
+    exported = fastblip.load(tmp_path / "run" / "model").state_dict()
+    trained = tr.model.state_dict()
+    assert exported.keys() == trained.keys()
+    assert all(torch.equal(exported[k], v.cpu()) for k, v in trained.items())
+    assert not (tmp_path / "run" / "model.tmp").exists()
 
 
 def _state(out_dir: Path) -> dict:
