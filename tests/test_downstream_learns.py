@@ -33,6 +33,14 @@ def _tiny_64(recipe, init_from: Path, out: Path) -> None:
     recipe.train.eval_every_epoch = False
 
 
+def _finetune_and_eval(recipe, task: str, epochs: int, lr: float) -> dict:
+    recipe.train.epochs, recipe.train.lr = epochs, lr
+    torch.manual_seed(0)
+    tr = Trainer(recipe, progress=False)
+    tr.fit()
+    return get_task(task).evaluate(tr.model, recipe)
+
+
 def test_vqa_finetune_beats_answer_type_prior(tiny_demo, tmp_path):
     demo_dir, _ = tiny_demo
     syn = tmp_path / "synth_vqa"
@@ -42,11 +50,7 @@ def test_vqa_finetune_beats_answer_type_prior(tiny_demo, tmp_path):
                       "synthetic": {"out_dir": str(syn), "num_train": 512, "num_val": 96, "image_size": 64,
                                     "seed": 0}}
     _tiny_64(r, demo_dir / "pretrain_boot" / "model", tmp_path / "run")
-    r.train.epochs, r.train.lr = 10, 2e-3
-    torch.manual_seed(0)
-    tr = Trainer(r, progress=False)
-    tr.fit()
-    ev = get_task("vqa").evaluate(tr.model, r)
+    ev = _finetune_and_eval(r, "vqa", epochs=10, lr=2e-3)
     val = json.loads((syn / "vqa_val.json").read_text())
     by_type: dict[str, list[str]] = {}
     for q in val:
@@ -64,11 +68,7 @@ def test_nlvr_finetune_beats_chance(tiny_demo, tmp_path):
                                     "seed": 0}}
     # from the filter (the retrieval finetune: the best-trained cross-attention), mapped to the twin layout
     _tiny_64(r, demo_dir / "filter" / "model", tmp_path / "run")
-    r.train.epochs, r.train.lr = 40, 5e-4
-    torch.manual_seed(0)
-    tr = Trainer(r, progress=False)
-    tr.fit()
-    ev = get_task("nlvr").evaluate(tr.model, r)
+    ev = _finetune_and_eval(r, "nlvr", epochs=40, lr=5e-4)
     assert ev["num"] == 128 and ev["nlvr_acc"] >= 62.0, ev
 
 
