@@ -23,18 +23,15 @@ from fastblip.train.recipe import read_recipe
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _tiny_64(recipe, init_from: Path, out: Path) -> None:
-    """The tiny recipes at the demo models' geometry (64 px, patch 16), started from ``init_from``."""
-    recipe.model.config.setdefault("vision", {})["patch_size"] = 16
+def _start(recipe, init_from: Path, out: Path) -> None:
+    """The shipped tiny recipe (64 px / patch 16, as the demo models), started from ``init_from``."""
+    assert recipe.data.image_size == 64 and recipe.model.config["vision"]["patch_size"] == 16
     recipe.model.init_from = str(init_from)
-    recipe.data.image_size = 64
-    recipe.data.hflip = False  # statements and questions do not depend on it; the demo models never saw flips
     recipe.train.out_dir = str(out)
     recipe.train.eval_every_epoch = False
 
 
-def _finetune_and_eval(recipe, task: str, epochs: int, lr: float) -> dict:
-    recipe.train.epochs, recipe.train.lr = epochs, lr
+def _finetune_and_eval(recipe, task: str) -> dict:
     torch.manual_seed(0)
     tr = Trainer(recipe, progress=False)
     tr.fit()
@@ -49,8 +46,8 @@ def test_vqa_finetune_beats_answer_type_prior(tiny_demo, tmp_path):
     r.task_options = {"inference": "rank", "answer_list": str(syn / "answer_list.json"), "k_test": 8,
                       "synthetic": {"out_dir": str(syn), "num_train": 512, "num_val": 96, "image_size": 64,
                                     "seed": 0}}
-    _tiny_64(r, demo_dir / "pretrain_boot" / "model", tmp_path / "run")
-    ev = _finetune_and_eval(r, "vqa", epochs=10, lr=2e-3)
+    _start(r, demo_dir / "pretrain_boot" / "model", tmp_path / "run")
+    ev = _finetune_and_eval(r, "vqa")  # the recipe: 10 epochs at lr 2e-3
     val = json.loads((syn / "vqa_val.json").read_text())
     by_type: dict[str, list[str]] = {}
     for q in val:
@@ -67,8 +64,8 @@ def test_nlvr_finetune_beats_chance(tiny_demo, tmp_path):
     r.task_options = {"synthetic": {"out_dir": str(syn), "num_train": 512, "num_dev": 128, "image_size": 64,
                                     "seed": 0}}
     # from the filter (the retrieval finetune: the best-trained cross-attention), mapped to the twin layout
-    _tiny_64(r, demo_dir / "filter" / "model", tmp_path / "run")
-    ev = _finetune_and_eval(r, "nlvr", epochs=40, lr=5e-4)
+    _start(r, demo_dir / "filter" / "model", tmp_path / "run")
+    ev = _finetune_and_eval(r, "nlvr")  # the recipe: 40 epochs at lr 5e-4
     assert ev["num"] == 128 and ev["nlvr_acc"] >= 62.0, ev
 
 
@@ -83,7 +80,7 @@ def test_zero_shot_video_retrieval_beats_random_ranking(tiny_demo, tmp_path):
     n = 32
     r.task_options = {"mode": "retrieval", "num_frames": 8, "k_test": 16, "video_root": str(syn / "videos"),
                       "synthetic": {"out_dir": str(syn), "num": n, "frames": 12, "image_size": 64, "seed": 0}}
-    _tiny_64(r, demo_dir / "filter" / "model", tmp_path / "run")
+    _start(r, demo_dir / "filter" / "model", tmp_path / "run")
     model = build_and_init(r).eval()
     ev = get_task("video").evaluate(model, r)
     chance = 100.0 * (1 + 5 + 10) / 3 / n  # mean of R@1, R@5, R@10 for a random ranking of n clips

@@ -87,7 +87,9 @@ def test_recipe_init_from_retrieval_checkpoint_maps_cross_attention(tmp_path):
     from fastblip.train.recipe import read_recipe
 
     torch.manual_seed(3)
-    src = build_model(tiny_config("retrieval", ops_backend="reference")).state_dict()
+    # the recipe's geometry (64 px / patch 16), so every tensor fits and none is dropped
+    src = build_model(tiny_config("retrieval", ops_backend="reference",
+                                  vision={"image_size": 64, "patch_size": 16})).state_dict()
     torch.save({"model": src}, tmp_path / "retrieval.pth")
     recipe = read_recipe("recipes/finetune_nlvr_tiny_cpu.yaml", [f"model.init_from={tmp_path / 'retrieval.pth'}"])
     m = build_and_init(recipe)

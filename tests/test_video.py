@@ -69,12 +69,13 @@ def test_fastblip_eval_video_recipe_end_to_end(tmp_path, capsys):
     from fastblip.cli import main
 
     torch.manual_seed(0)
-    m = build_model(tiny_config("retrieval", ops_backend="reference")).eval()
+    m = build_model(tiny_config("retrieval", ops_backend="reference",
+                                vision={"image_size": 64, "patch_size": 16})).eval()  # the recipe's geometry
     fastblip.save(m, tmp_path / "model")
     synth = tmp_path / "synth"
     rc = main(["eval", "--recipe", "recipes/eval_video_retrieval_tiny_cpu.yaml", f"model.init_from={tmp_path / 'model'}",
                f"data.eval=[{synth}/video_test.json]", "task_options.k_test=4", f"task_options.video_root={synth}/videos",
-               f"task_options.synthetic={{out_dir: {synth}, num: 6, frames: 12, image_size: 32, seed: 1}}",
+               f"task_options.synthetic={{out_dir: {synth}, num: 6, frames: 12, image_size: 64, seed: 1}}",
                f"train.out_dir={tmp_path / 'run'}", "--json"])
     assert rc == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -82,7 +83,7 @@ def test_fastblip_eval_video_recipe_end_to_end(tmp_path, capsys):
     ann = json.loads((synth / "video_test.json").read_text())
     assert len(ann) == 6
     paths = [str(synth / "videos" / f"{a['clip_name']}.mp4") for a in ann]
-    want = evaluate_video_retrieval(fastblip.load(tmp_path / "model", image_size=32), paths,
+    want = evaluate_video_retrieval(fastblip.load(tmp_path / "model", image_size=64), paths,
                                     [a["caption"] for a in ann], k_test=4)
     for k, v in want.items():
         assert got[k] == pytest.approx(v, abs=1e-9), k
