@@ -70,6 +70,11 @@ def test_tiny_recipe_loss_falls_and_counts_bad_samples(synth, tmp_path):
     assert exported.keys() == trained.keys()
     assert all(torch.equal(exported[k], v.cpu()) for k, v in trained.items())
     assert not (tmp_path / "run" / "model.tmp").exists()
+    # the training checkpoint itself: weights_only-safe (no pickled numpy), and fastblip.load reads it
+    last = ck.latest_checkpoint(tmp_path / "run")
+    torch.load(last, map_location="cpu", weights_only=True)
+    from_ckpt = fastblip.load(last).state_dict()
+    assert all(torch.equal(from_ckpt[k], v.cpu()) for k, v in trained.items())
 
 
 def _state(out_dir: Path) -> dict:

@@ -7,6 +7,8 @@ Formats (DESIGN §3):
   (``official.py``), or our config from its ``"fastblip_config"`` key when present.
 - HF transformers ``save_pretrained`` dir of BlipForConditionalGeneration / BlipForImageTextRetrieval /
   BlipForQuestionAnswering (``hf.py``).
+- a fastblip training checkpoint (``train.out_dir/checkpoints/step-*.pt``: ``model`` in fastblip layout, the
+  config in its resume ``fingerprint``); a finished run also exports ``train.out_dir/model`` (a fastblip dir).
 - a released name (``"model_base_capfilt_large"``) or URL: downloaded and cached by torch.hub when online.
 """
 
@@ -70,6 +72,18 @@ def _from_official_obj(obj, source: str, image_size, dtype, kind: str | None):
     return model, report
 
 
+def _is_trainer_checkpoint(obj) -> bool:
+    return isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "per_rank" in obj and "fingerprint" in obj
+
+
+def _from_trainer_obj(obj: dict, source: str, image_size, dtype, kind: str | None):
+    cfg = ModelConfig.from_dict(dict(obj["fingerprint"]["model"]))  # the run's config minus backend choices
+    if kind is not None:
+        cfg.kind = kind
+    model = _build(cfg, image_size, dtype)
+    return model, load_strict(model, obj["model"], source)
+
+
 def load(path: str | Path, *, image_size: int | None = None, device: str | torch.device | None = None,
          dtype: torch.dtype | None = None, kind: str | None = None):
     """Load any supported checkpoint into its fastblip model, in eval mode.
@@ -109,7 +123,11 @@ def load(path: str | Path, *, image_size: int | None = None, device: str | torch
         elif p.is_dir():
             raise CheckpointError(f"{p}: a directory without fastblip.json or config.json is no checkpoint")
         else:
-            model, report = _from_official_obj(read_tensor_file(p), str(p), image_size, dtype, kind)
+            obj = read_tensor_file(p)
+            if _is_trainer_checkpoint(obj):
+                model, report = _from_trainer_obj(obj, str(p), image_size, dtype, kind)
+            else:
+                model, report = _from_official_obj(obj, str(p), image_size, dtype, kind)
     if report["interpolated"]:
         log.info("fastblip.load: interpolated %s to image size %d", ", ".join(report["interpolated"]),
                  model.cfg.vision.image_size)

@@ -10,7 +10,9 @@ checkpoint from another config is refused with one line before any training.
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
 import random
 import re
 import tempfile
@@ -20,6 +22,8 @@ import numpy as np
 import torch
 
 from fastblip.config import ConfigError
+
+log = logging.getLogger("fastblip.train")
 
 CKPT_RE = re.compile(r"^step-(\d{8})\.pt$")
 # model config fields that choose an implementation, not the model: resuming with another backend is allowed
@@ -31,7 +35,11 @@ class CheckpointMismatchError(ConfigError):
 
 
 def rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state in types ``torch.load(weights_only=True)`` accepts (numpy's key array as a tensor)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                     int(has_gauss), float(gauss)),
+          "python": random.getstate()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -39,7 +47,9 @@ def rng_state() -> dict:
 
 def set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
+    name, keys, *rest = st["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)  # older files: an ndarray
+    np.random.set_state((name, keys.astype(np.uint32), *rest))
     random.setstate(st["python"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
@@ -112,7 +122,10 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        # our own files hold numpy RNG state and python tuples: not loadable with weights_only=True
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:  # tensors, numbers, strings and containers only (rng_state stores numpy's keys as a tensor)
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # written before that change: numpy arrays inside (our own files)
+            log.info("checkpoint %s predates weights_only-safe checkpoints; loading it with weights_only=False", path)
+            return torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, OSError) as e:
         raise ConfigError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from None
