@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fastblip.tasks.vqa import JsonTaskLoader, _open_rgb, _transform, read_json_sources
+from fastblip.tasks.vqa import _open_rgb, _transform, json_task_loader
 
 
 @dataclass
@@ -75,12 +75,8 @@ def build_loader(recipe, *, train: bool, rank: int = 0, world_size: int = 1, epo
                          enc["input_ids"], enc["attention_mask"], torch.tensor([s["label"] for s in samples]),
                          [s["text"] for s in samples])
 
-    bs = d.batch_size if train or not opts.eval_batch_size else opts.eval_batch_size
-    loader = JsonTaskLoader(read_json_sources(sources), make, collate, batch_size=bs, train=train,
-                            seed=recipe.train.seed, rank=rank, world_size=world_size, num_workers=d.num_workers,
-                            device=device)
-    loader.set_epoch(epoch)
-    return loader
+    return json_task_loader(recipe, sources, make, collate, train=train, rank=rank, world_size=world_size,
+                            epoch=epoch, device=device, eval_batch_size=opts.eval_batch_size)
 
 
 def evaluate(model, recipe, *, rank: int = 0, world_size: int = 1) -> dict:

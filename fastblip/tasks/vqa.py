@@ -197,7 +197,15 @@ def build_loader(recipe, *, train: bool, rank: int = 0, world_size: int = 1, epo
                         [s["qid"] for s in samples], [s["question"] for s in samples],
                         [s["human"] for s in samples])
 
-    bs = d.batch_size if train or not opts.eval_batch_size else opts.eval_batch_size
+    return json_task_loader(recipe, sources, make, collate, train=train, rank=rank, world_size=world_size,
+                            epoch=epoch, device=device, eval_batch_size=opts.eval_batch_size)
+
+
+def json_task_loader(recipe, sources, make, collate, *, train: bool, rank: int, world_size: int, epoch: int,
+                     device=None, eval_batch_size: int = 0) -> JsonTaskLoader:
+    """A ``JsonTaskLoader`` over the recipe's JSON ``sources`` (VQA, NLVR2), positioned at ``epoch``."""
+    d = recipe.data
+    bs = d.batch_size if train or not eval_batch_size else eval_batch_size
     loader = JsonTaskLoader(read_json_sources(sources), make, collate, batch_size=bs, train=train,
                             seed=recipe.train.seed, rank=rank, world_size=world_size, num_workers=d.num_workers,
                             device=device)
