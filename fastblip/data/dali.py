@@ -108,7 +108,7 @@ class DaliLoader:
             paths, image_size=cfg["image_size"], batch_size=cfg["batch_size"], train=cfg["train"],
             device_id=device_id, num_threads=cfg["num_threads"], seed=cfg["seed"], shard_id=cfg["rank"],
             num_shards=cfg["world_size"], shuffle=cfg["shuffle"], min_scale=cfg["min_scale"],
-            hflip=cfg.get("hflip", True),
+            hflip=cfg["hflip"],
         )  # fmt: skip
         self.samples_per_epoch = self.pipe.epoch_size("reader") // cfg["world_size"]
 

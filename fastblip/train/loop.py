@@ -192,6 +192,9 @@ class Trainer:
         barrier()
         return path
 
+    def _finished(self) -> bool:
+        return self.step >= self.total_steps or self.epoch >= self.recipe.train.epochs
+
     def _export(self, model_sd: dict) -> Path:
         import shutil
 
@@ -219,7 +222,6 @@ class Trainer:
         return torch.autocast(self.info.device.type, dtype=self.amp_dtype)
 
     def fit(self) -> dict:
-        t = self.recipe.train
         if self.info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "recipe.json").write_text(json.dumps(self.recipe.to_dict(), indent=1))
@@ -230,7 +232,7 @@ class Trainer:
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
         try:
-            while self.step < self.total_steps and self.epoch < t.epochs:
+            while not self._finished():
                 self._train_epoch(bar, log_f)
                 if self.step % self.steps_per_epoch == 0:
                     self._end_epoch(log_f, advance=True)
@@ -319,7 +321,7 @@ class Trainer:
             self.model.train()
             self._log({"eval": metrics, "step": self.step, "epoch": self.epoch - int(advance)}, None, log_f)
             self.last_metrics.update({f"eval_{k}": v for k, v in metrics.items()})
-        self.save(export=self.step >= self.total_steps or self.epoch >= t.epochs)
+        self.save(export=self._finished())
 
     def _data_stats(self) -> dict:
         s = getattr(self.loader, "stats", None) or {}
