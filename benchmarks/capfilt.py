@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+from benchmarks.common import peak_tflops
 
 
 def _config(size: str, kind: str):
@@ -51,13 +51,6 @@ def _flops_per_image(cfg, max_length: int, text_len: int = 35) -> float:
     dec = max_length * (per_tok + 2 * t.hidden_size * t.vocab_size)
     itm = 2 * text_len * per_tok
     return 2 * vit + 2 * kv + dec + itm
-
-
-def _peak(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((p for k, p in PEAK_TFLOPS.items() if k in name), None)
 
 
 def _time(fn, device, reps: int) -> float:
@@ -92,7 +85,7 @@ def run(device: str = "cpu", size: str = "tiny", batch: int | None = None, reps:
                       image_size=S, batch_size=batch, dtype="auto", progress=False)
     rows = []
     flops = _flops_per_image(cap.cfg, max_length)  # both ViTs, K/V, decoding and ITM
-    peak = _peak(dev)
+    peak = peak_tflops(dev.type)
 
     def row(impl: str, sec: float, mem: float | None) -> dict:
         ips = batch / sec

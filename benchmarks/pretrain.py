@@ -20,9 +20,8 @@ import time
 
 import torch
 
+from benchmarks.common import peak_tflops
 from fastblip.config import ModelConfig, tiny_config
-
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # bf16 dense, per GPU
 
 
 def reference_flops_per_image(cfg: ModelConfig, text_len: int = 30) -> float:
@@ -124,7 +123,7 @@ def run(device: str = "cpu", size: str = "tiny", steps: int | None = None, batch
     base = build_model(cfg).to(dev).train()
     impls = ["reference", "fast"] + (["reference_bf16"] if dev.type == "cuda" else [])
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    peak = peak_tflops(dev.type)  # bf16 dense, per GPU
     flops = reference_flops_per_image(cfg)
     rows, ref_ips = [], None
     for impl in impls:
