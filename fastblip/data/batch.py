@@ -54,6 +54,20 @@ def bucket_length(n: int, buckets: tuple[int, ...], max_length: int) -> int:
     return max_length
 
 
+def tokenize(texts: list[str], tokenizer, max_length: int = 35, padding: str = "longest") -> dict:
+    """``input_ids`` / ``attention_mask`` (B, L). ``padding``: "longest", "max_length" or "buckets:8,16,24,32"."""
+    if padding.startswith("buckets"):
+        enc = tokenizer(texts, max_length=max_length, padding="longest")
+        spec = padding.partition(":")[2] or "8,16,24,32,40"
+        buckets = tuple(sorted(int(x) for x in spec.split(",")))
+        target = bucket_length(enc["input_ids"].shape[1], buckets, max_length)
+        pad = target - enc["input_ids"].shape[1]
+        if pad > 0:
+            enc = {k: torch.nn.functional.pad(v, (0, pad)) for k, v in enc.items()}
+        return enc
+    return tokenizer(texts, max_length=max_length, padding=padding)
+
+
 def collate(
     pixel_values: list[torch.Tensor],
     texts: list[str],
@@ -65,16 +79,7 @@ def collate(
     padding: str = "longest",
 ) -> Batch:
     """Stack images, tokenise texts. ``padding``: "longest", "max_length" or "buckets:8,16,24,32"."""
-    if padding.startswith("buckets"):
-        enc = tokenizer(texts, max_length=max_length, padding="longest")
-        spec = padding.partition(":")[2] or "8,16,24,32,40"
-        buckets = tuple(sorted(int(x) for x in spec.split(",")))
-        target = bucket_length(enc["input_ids"].shape[1], buckets, max_length)
-        pad = target - enc["input_ids"].shape[1]
-        if pad > 0:
-            enc = {k: torch.nn.functional.pad(v, (0, pad)) for k, v in enc.items()}
-    else:
-        enc = tokenizer(texts, max_length=max_length, padding=padding)
+    enc = tokenize(texts, tokenizer, max_length, padding)
     return Batch(
         pixel_values=torch.stack(pixel_values),
         input_ids=enc["input_ids"],
@@ -84,3 +89,28 @@ def collate(
         texts=list(texts),
         meta=list(meta),
     )
+
+
+@dataclass
+class EncodedBatch:
+    """What the loader workers hand a GPU decoder (data/dali.py): still-encoded images, each sample's drawn
+    transform, and the tokenised texts. ``data`` holds the payloads back to back (one shared-memory tensor
+    crosses the worker boundary instead of B pickled byte strings); sample i is
+    ``data[offsets[i]:offsets[i + 1]]``.
+    """
+
+    data: torch.Tensor  # (total,) uint8
+    offsets: list[int]  # B + 1
+    params: list  # per sample: TrainParams (train) or None (eval)
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    image_ids: torch.Tensor
+    keys: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    meta: list[dict] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def payload(self, i: int) -> bytes:
+        return self.data[self.offsets[i] : self.offsets[i + 1]].numpy().tobytes()

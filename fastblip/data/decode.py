@@ -70,11 +70,10 @@ def _to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
     return img.convert("RGB"), mode
 
 
-def decode_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str | None]:
-    """Decode bytes into an RGB PIL image; returns (image, converted_from_mode or None).
+def open_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Parse the header only (format, mode, size; no pixels decoded): the checks every backend shares.
 
-    Raises DecodeError with the reason: empty_image, unsupported_format, corrupt_image, truncated_image,
-    decompression_bomb.
+    Raises DecodeError: missing_image, empty_image, unsupported_format, corrupt_image, decompression_bomb.
     """
     if data is None:
         raise DecodeError("missing_image")
@@ -93,13 +92,25 @@ def decode_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> tu
             raise DecodeError(reason, f"{len(data)} bytes, header {data[:8]!r}") from None
         except (OSError, SyntaxError, ValueError) as e:
             raise DecodeError("corrupt_image", str(e)) from None
-        if img.format not in ALLOWED_FORMATS:
-            raise DecodeError("unsupported_format", str(img.format))
-        w, h = img.size
-        if w <= 0 or h <= 0:
-            raise DecodeError("corrupt_image", f"size {w}x{h}")
-        if w * h > max_pixels:
-            raise DecodeError("decompression_bomb", f"{w}x{h} > {max_pixels} pixels")
+    if img.format not in ALLOWED_FORMATS:
+        raise DecodeError("unsupported_format", str(img.format))
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise DecodeError("corrupt_image", f"size {w}x{h}")
+    if w * h > max_pixels:
+        raise DecodeError("decompression_bomb", f"{w}x{h} > {max_pixels} pixels")
+    return img
+
+
+def decode_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str | None]:
+    """Decode bytes into an RGB PIL image; returns (image, converted_from_mode or None).
+
+    Raises DecodeError with the reason: empty_image, unsupported_format, corrupt_image, truncated_image,
+    decompression_bomb.
+    """
+    img = open_image(data, max_pixels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             img.load()
         except OSError as e:
@@ -113,3 +124,41 @@ def decode_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> tu
         return _to_rgb(img)
     except (OSError, ValueError) as e:
         raise DecodeError("corrupt_image", f"mode {img.mode}: {e}") from None
+
+
+# (format, mode) pairs a GPU/DALI decoder turns into the same RGB pixels as ``decode_image``: passed through
+# as they are. Everything else (CMYK, palette, alpha, 16-bit, MPO, ...) is decoded and converted here
+# exactly as the PIL path does, and handed on losslessly as BMP.
+PASS_THROUGH = {("JPEG", "RGB"), ("JPEG", "L"), ("PNG", "RGB"), ("WEBP", "RGB")}
+
+
+def _cut_short(fmt: str, data: bytes) -> str | None:
+    """Why an image passed through undecoded is visibly truncated, or None (a cheap check on the bytes)."""
+    if fmt == "JPEG" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
+        return "no end-of-image marker after the last scan"
+    if fmt == "PNG" and b"IEND" not in data[-64:]:
+        return "no IEND chunk"
+    if fmt == "WEBP" and 8 + int.from_bytes(data[4:8], "little") > len(data):
+        return f"RIFF size {int.from_bytes(data[4:8], 'little')} > {len(data) - 8} bytes"
+    return None
+
+
+def probe_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, int, int, str | None]:
+    """Validate an image for a downstream decoder without decoding its pixels when it can pass through.
+
+    Returns (payload, width, height, converted_from_mode or None): the original bytes for the formats in
+    PASS_THROUGH after the header checks of ``decode_image`` and a truncation check; otherwise the image is
+    decoded and converted here and the payload is a BMP of the RGB result. Raises DecodeError with the same
+    reasons as ``decode_image``. Corruption inside the entropy-coded data is not visible without decoding:
+    the DALI loader catches the decoder's error and redoes that batch with PIL (data/dali.py).
+    """
+    img = open_image(data, max_pixels)
+    fmt, mode = img.format, img.mode
+    if (fmt, mode) in PASS_THROUGH:
+        if (why := _cut_short(fmt, data)) is not None:
+            raise DecodeError("truncated_image", why)
+        return data, img.width, img.height, (None if mode == "RGB" else mode)
+    rgb, converted = decode_image(data, max_pixels)
+    buf = io.BytesIO()
+    rgb.save(buf, "BMP")
+    return buf.getvalue(), rgb.width, rgb.height, converted

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -58,6 +59,27 @@ def op_args(name: str, magnitude: float, rng: np.random.Generator) -> tuple:
     return ()
 
 
+def affine_data(name: str, arg: float, size: tuple[int, int]) -> tuple[float, ...] | None:
+    """PIL ``Image.AFFINE`` data (the inverse map output→input, pixel centres at +0.5) of a geometric op, or
+    None for the others. The DALI backend passes the same six numbers to ``fn.warp_affine``."""
+    # PIL's AFFINE data is the inverse map output→input; OpenCV's warpAffine matrix is input→output.
+    if name == "ShearX":  # x' = x + f·y
+        return (1.0, -arg, 0.0, 0.0, 1.0, 0.0)
+    if name == "ShearY":  # y' = y + f·x
+        return (1.0, 0.0, 0.0, -arg, 1.0, 0.0)
+    if name == "TranslateX":  # x' = x - offset
+        return (1.0, 0.0, arg, 0.0, 1.0, 0.0)
+    if name == "TranslateY":
+        return (1.0, 0.0, 0.0, 0.0, 1.0, arg)
+    if name == "Rotate":  # counter-clockwise about the centre, like cv2.getRotationMatrix2D; = Image.rotate
+        cx, cy = size[0] / 2.0, size[1] / 2.0
+        t = -math.radians(arg % 360.0)
+        a, b = round(math.cos(t), 15), round(math.sin(t), 15)
+        d, e = -b, a
+        return (a, b, a * -cx + b * -cy + cx, d, e, d * -cx + e * -cy + cy)
+    return None
+
+
 def apply_op(img: Image.Image, name: str, *args: float) -> Image.Image:
     if name == "Identity":
         return img
@@ -69,21 +91,9 @@ def apply_op(img: Image.Image, name: str, *args: float) -> Image.Image:
         return ImageEnhance.Brightness(img).enhance(args[0]) if args[0] != 1.0 else img
     if name == "Sharpness":
         return ImageEnhance.Sharpness(img).enhance(args[0]) if args[0] != 1.0 else img
-    # PIL's AFFINE data is the inverse map output→input; OpenCV's warpAffine matrix is input→output.
-    if name == "ShearX":  # x' = x + f·y
-        return img.transform(
-            img.size, Image.AFFINE, (1, -args[0], 0, 0, 1, 0), Image.BILINEAR, fillcolor=FILL
-        )
-    if name == "ShearY":  # y' = y + f·x
-        return img.transform(
-            img.size, Image.AFFINE, (1, 0, 0, -args[0], 1, 0), Image.BILINEAR, fillcolor=FILL
-        )
-    if name == "TranslateX":  # x' = x - offset
-        return img.transform(img.size, Image.AFFINE, (1, 0, args[0], 0, 1, 0), Image.BILINEAR, fillcolor=FILL)
-    if name == "TranslateY":
-        return img.transform(img.size, Image.AFFINE, (1, 0, 0, 0, 1, args[0]), Image.BILINEAR, fillcolor=FILL)
-    if name == "Rotate":  # counter-clockwise about the centre, like cv2.getRotationMatrix2D
-        return img.rotate(args[0], resample=Image.BILINEAR, fillcolor=FILL)
+    if name in AUG_OPS:
+        data = affine_data(name, args[0], img.size)
+        return img.transform(img.size, Image.AFFINE, data, Image.BILINEAR, fillcolor=FILL)
     raise ValueError(f"unknown RandomAugment op {name!r}; ops: {', '.join(AUG_OPS)}")
 
 
@@ -146,6 +156,16 @@ def to_tensor_normalized(img: Image.Image) -> torch.Tensor:
     return a.sub_(mean).div_(std)
 
 
+@dataclass(frozen=True)
+class TrainParams:
+    """One sample's draw of the train transform: crop box (top, left, h, w) in the decoded image, flip, and
+    the RandomAugment ops that fired, in order, with their arguments."""
+
+    crop: tuple[int, int, int, int]
+    flip: bool
+    ops: tuple[tuple[str, tuple], ...]
+
+
 class TrainTransform:
     def __init__(self, image_size: int, scale=(0.2, 1.0), randaugment: bool = True, hflip: bool = True):
         self.image_size = int(image_size)
@@ -154,16 +174,27 @@ class TrainTransform:
         self.ratio = (3.0 / 4.0, 4.0 / 3.0)
         self.randaugment = RandomAugment(2, 5) if randaugment else None
 
-    def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
-        rng = rng if rng is not None else np.random.default_rng()
-        top, left, h, w = random_resized_crop_params(img.width, img.height, self.scale, self.ratio, rng)
+    def params(self, width: int, height: int, rng: np.random.Generator) -> TrainParams:
+        """Every random draw of one sample, in the order ``__call__`` makes them (the DALI backend draws
+        them here, in the loader workers, and applies them on the GPU)."""
+        crop = random_resized_crop_params(width, height, self.scale, self.ratio, rng)
+        flip = bool(self.hflip and rng.random() < 0.5)
+        ops = tuple(self.randaugment.sample(rng)) if self.randaugment is not None else ()
+        return TrainParams(crop, flip, ops)
+
+    def apply(self, img: Image.Image, p: TrainParams) -> torch.Tensor:
+        top, left, h, w = p.crop
         s = self.image_size
         img = img.crop((left, top, left + w, top + h)).resize((s, s), Image.BICUBIC)
-        if self.hflip and rng.random() < 0.5:
+        if p.flip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        if self.randaugment is not None:
-            img = self.randaugment(img, rng)
+        for name, args in p.ops:
+            img = apply_op(img, name, *args)
         return to_tensor_normalized(img)
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
+        rng = rng if rng is not None else np.random.default_rng()
+        return self.apply(img, self.params(img.width, img.height, rng))
 
 
 class EvalTransform:
