@@ -5,6 +5,7 @@ before training, checkpoints are atomic and rotate."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 from pathlib import Path
 
@@ -81,10 +82,15 @@ def _state(out_dir: Path) -> dict:
     return ck.load_checkpoint(ck.latest_checkpoint(out_dir))
 
 
-def test_resume_is_bit_exact(synth, tmp_path):
+HAS_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+
+
+@pytest.mark.parametrize("backend", ["pil", pytest.param("dali", marks=pytest.mark.skipif(
+    not HAS_DALI, reason="NVIDIA DALI not installed (pip install nvidia-dali-cuda130)"))])  # fmt: skip
+def test_resume_is_bit_exact(synth, tmp_path, backend):
     # 32 pairs / batch 4 = 8 micro-batches = 4 optimiser steps per epoch with grad_accum 2; 6 steps cross it
     common = ("train.grad_accum=2", "train.epochs=2", "data.eval=[]", f"data.train=[{synth}/human.json]",
-              "data.batch_size=4", "model.config.queue_size=16")
+              "data.batch_size=4", "model.config.queue_size=16", f"data.backend={backend}")
     straight = tmp_path / "straight"
     Trainer(_recipe(synth, straight, "train.max_steps=6", *common), progress=False).fit()
     split = tmp_path / "split"

@@ -1,81 +1,193 @@
-"""NVIDIA DALI backend: ``fn.readers.webdataset`` → ``fn.decoders.image`` (nvJPEG, ``device="mixed"``, on the
-GPU; ``"cpu"`` when ``device_id=None``) → resize/crop/flip/normalise, prefetched; yields the same ``Batch``.
+"""NVIDIA DALI backend: the same loader workers as the PIL path read, validate, shuffle, shard and tokenise,
+and draw every sample's transform; DALI decodes (nvJPEG, ``device="mixed"``, on the GPU; ``"cpu"`` when
+no GPU is given), crops, resizes, flips, augments and normalises, prefetched. Yields the same ``Batch``.
 
-Differences from the PIL path (documented, tested where measurable):
-- eval: DALI's cubic resize with antialias vs PIL's bicubic (both decode with libjpeg-turbo on CPU): on a
-  500×400 JPEG at 224 and 64 px the pixels differ by at most 1 level of 255 (mean 0.1–0.2); the test allows
-  mean < 0.5 and max ≤ 2 levels (tests/test_data_dali.py). nvJPEG on the GPU may differ by a few more levels.
-- train: RandomResizedCrop is ``decoders.image_random_crop`` (area (min_scale, 1), ratio (3/4, 4/3), 10
-  attempts: the same distribution, fused into decoding) + cubic resize + flip p 0.5; **RandomAugment is not
-  applied** (its per-sample op choice has no DALI equivalent we could test here); use the PIL backend for
-  recipes that need it, or accept the weaker augmentation for throughput.
-- bad input: missing shards and bad captions are skipped and counted; a corrupt image raises inside DALI
-  (it has no skip-on-error decoder), so run ``fastblip data check`` on shards before a DALI run.
-- sources: webdataset shards only; ranks read disjoint slices (``shard_id``/``num_shards``), shuffling is
-  DALI's buffer (``initial_fill``) seeded by ``seed``; resume replays batches (exact for the same seed).
+Why not ``fn.readers.webdataset``: DALI's reader cannot skip a corrupt sample (its decoders raise and
+the pipeline is dead, NVIDIA/DALI#211, #306), cannot record a data position to resume from, and reads
+neither BLIP's JSON files nor our per-sample RNG. Here the Python side (``dataset.BlipStream`` with a
+``DaliPlan``) hands over encoded bytes, so DALI's GPU work is the same while everything the issue asks of
+a loader holds for both backends:
+
+- bad input: the workers parse each image's header (``decode.probe_image``: format, size, decompression
+  bombs, visible truncation) without decoding pixels; CMYK/palette/alpha/16-bit images are converted
+  there exactly as the PIL path does and passed on as lossless BMP. Corruption that only decoding shows
+  (a broken Huffman table, say) makes DALI raise: the loader then rebuilds the pipeline, redoes that one
+  batch with PIL (skipping, counting and logging what PIL cannot decode either) and replays the batches
+  DALI had prefetched. ``stats["dali_fallback_batches"]`` counts these; three failing batches in a row
+  are not bad data, and re-raise.
+- sources, sharding, shuffling and resume are the PIL loader's: ``state_dict()`` is the position after
+  the last batch *yielded* (not the prefetched ones), and the two backends' states are interchangeable.
+- transforms: each sample's crop box, flip and RandomAugment ops come from ``TrainTransform.params`` with
+  the PIL path's per-sample RNG, so both backends draw the *same* augmentations. Differences in pixels:
+  - eval/train resize: DALI's cubic with antialias vs PIL's bicubic: at most 1–2 levels of 255 (mean
+    0.1–0.2) on a 500×400 JPEG (tests/test_data_dali.py); nvJPEG on the GPU may differ by a few more.
+  - crop: ``decoders.image_slice`` decodes only the crop box (ROI decode), same box as PIL.
+  - affine ops (shear, translate, rotate): ``fn.warp_affine`` with PIL's inverse map, bilinear, fill 128:
+    identical inside the image; pixels on the fill boundary differ (PIL has no partial-coverage blend).
+  - AutoContrast: same per-channel min/max stretch (±1 level from float32 vs float64).
+  - Equalize: DALI's ``fn.equalize`` is OpenCV's histogram equalisation, the PIL/official code's is
+    PIL's (different rounding of the cumulative histogram): the same operation, a few levels apart.
+  - Brightness and Sharpness at BLIP's magnitude 5 have factor 1.0 and are no-ops on both paths.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import re
+from collections import deque
 
 import numpy as np
 import torch
 
-from .batch import collate
-from .readers import parse_sources, shard_problem
-from .text import clean_caption_bytes, pre_caption
-from .transforms import MEAN, STD
+from .batch import Batch, EncodedBatch, collate, tokenize
+from .decode import DecodeError, decode_image, probe_image
+from .transforms import MEAN, STD, EvalTransform, TrainParams, TrainTransform, affine_data
 
 log = logging.getLogger("fastblip.data")
 
 try:
     from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
 
     HAS_DALI, DALI_IMPORT_ERROR = True, None
 except ImportError as e:  # optional dependency: nvidia-dali-cuda130
     HAS_DALI, DALI_IMPORT_ERROR = False, e
 
+# RandomAugment slot kinds as DALI sees them; Identity and the enhance ops at factor 1.0 are KIND_NONE.
+KIND_NONE, KIND_AUTOCONTRAST, KIND_EQUALIZE, KIND_AFFINE = 0, 1, 2, 3
+MAX_FAILED_IN_A_ROW = 3
+MAX_LOGGED = 5
 
-def _require_dali() -> None:
+
+def require_dali() -> None:
     if not HAS_DALI:
         raise ImportError(
             f"backend='dali' needs NVIDIA DALI (pip install nvidia-dali-cuda130): {DALI_IMPORT_ERROR}"
         )
 
 
-def build_pipeline(paths: list[str], *, image_size: int, batch_size: int, train: bool, device_id: int | None,
-                   num_threads: int = 2, seed: int = 0, shard_id: int = 0, num_shards: int = 1,
-                   shuffle: bool = False, min_scale: float = 0.2, prefetch: int = 2, hflip: bool = True):  # fmt: skip
-    """The DALI pipeline: outputs (images CHW float normalised, txt bytes, json bytes)."""
-    _require_dali()
+class DaliPlan:
+    """The loader workers' half of the DALI backend (a ``BlipStream`` transform with ``encodes = True``):
+    validate each image without decoding it, draw its transform, and collate an ``EncodedBatch``."""
+
+    encodes = True
+
+    def __init__(self, image_size: int, train: bool, scale=(0.2, 1.0), randaugment: bool = True,
+                 hflip: bool = True):  # fmt: skip
+        self.image_size, self.train = int(image_size), bool(train)
+        self.transform = (
+            TrainTransform(image_size, scale, randaugment, hflip) if train else EvalTransform(image_size)
+        )
+        self.slots = self.transform.randaugment.n if train and self.transform.randaugment is not None else 0
+
+    def encode(
+        self, data: bytes | None, max_pixels: int, rng: np.random.Generator
+    ) -> tuple[tuple, str | None]:
+        payload, w, h, converted = probe_image(data, max_pixels)
+        params = self.transform.params(w, h, rng) if self.train else None
+        return (payload, params), converted
+
+    def collate(self, samples: list[tuple], texts: list[str], ids: list[int], keys: list[str], metas: list[dict],
+                tokenizer, max_length: int, padding: str) -> EncodedBatch:  # fmt: skip
+        offsets = np.zeros(len(samples) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(p) for p, _ in samples])
+        data = torch.from_numpy(np.frombuffer(b"".join(p for p, _ in samples), dtype=np.uint8).copy())
+        enc = tokenize(texts, tokenizer, max_length, padding)
+        return EncodedBatch(data, offsets.tolist(), [q for _, q in samples], enc["input_ids"],
+                            enc["attention_mask"], torch.tensor(ids, dtype=torch.long), keys, texts,
+                            metas)  # fmt: skip
+
+    def feed(self, b: EncodedBatch) -> tuple:
+        """The external-source inputs of one batch (see ``build_pipeline``)."""
+        buf = b.data.numpy()
+        images = [buf[b.offsets[i] : b.offsets[i + 1]] for i in range(len(b))]
+        if not self.train:
+            return (images,)
+        s = self.image_size
+        anchor = [np.array(p.crop[:2], dtype=np.float32) for p in b.params]
+        shape = [np.array(p.crop[2:], dtype=np.float32) for p in b.params]
+        flip = [np.array(int(p.flip), dtype=np.int32) for p in b.params]
+        out = [images, anchor, shape, flip]
+        for k in range(self.slots):
+            kinds, mats = [], []
+            for p in b.params:
+                kind, mat = slot(p, k, s)
+                kinds.append(np.array(kind, dtype=np.int32))
+                mats.append(mat)
+            out += [kinds, mats]
+        return tuple(out)
+
+
+_IDENTITY = np.array([[1, 0, 0], [0, 1, 0]], dtype=np.float32)
+
+
+def slot(p: TrainParams, k: int, size: int) -> tuple[int, np.ndarray]:
+    """(kind, 2×3 inverse affine map) of the k-th RandomAugment op that fired, KIND_NONE past the last."""
+    if k >= len(p.ops):
+        return KIND_NONE, _IDENTITY
+    name, args = p.ops[k]
+    if name == "AutoContrast":
+        return KIND_AUTOCONTRAST, _IDENTITY
+    if name == "Equalize":
+        return KIND_EQUALIZE, _IDENTITY
+    if name in ("Brightness", "Sharpness"):
+        if args[0] != 1.0:
+            raise NotImplementedError(f"the DALI backend applies {name} only at factor 1.0 (magnitude 5)")
+        return KIND_NONE, _IDENTITY
+    data = affine_data(name, args[0], (size, size)) if args else None
+    if data is None:  # Identity
+        return KIND_NONE, _IDENTITY
+    return KIND_AFFINE, np.array(data, dtype=np.float32).reshape(2, 3)
+
+
+def _autocontrast(img):
+    """PIL's ImageOps.autocontrast (cutoff 0) per channel: x → floor((x − lo)·255/(hi − lo)); hi == lo kept."""
+    lo = fn.cast(fn.reductions.min(img, axes=[0, 1]), dtype=types.FLOAT)
+    hi = fn.cast(fn.reductions.max(img, axes=[0, 1]), dtype=types.FLOAT)
+    span = hi - lo
+    keep = fn.cast(span <= 0, dtype=types.FLOAT)
+    x = fn.cast(img, dtype=types.FLOAT)
+    stretched = dmath.floor((x - lo) * (255.0 / dmath.max(span, 1.0)))
+    return fn.cast(dmath.clamp(stretched * (1.0 - keep) + x * keep, 0.0, 255.0), dtype=types.UINT8)
+
+
+def build_pipeline(plan: DaliPlan, source, *, batch_size: int, device_id: int | None, num_threads: int = 2,
+                   seed: int = 0, prefetch: int = 2):  # fmt: skip
+    """The DALI pipeline over ``source`` (a callable returning ``plan.feed`` tuples): outputs normalised
+    float (B, 3, S, S)."""
+    require_dali()
     decode_dev = "mixed" if device_id is not None else "cpu"
+    s = plan.image_size
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                  prefetch_queue_depth=prefetch)  # fmt: skip
+                  prefetch_queue_depth=prefetch, enable_conditionals=plan.slots > 0)  # fmt: skip
     def pipe():
-        jpg, txt, js = fn.readers.webdataset(
-            paths=paths, ext=["jpg;jpeg;png;webp", "txt", "json"], missing_component_behavior="empty",
-            random_shuffle=shuffle, initial_fill=256, shard_id=shard_id, num_shards=num_shards,
-            name="reader", seed=seed, dont_use_mmap=True,
-        )  # fmt: skip
-        if train:
-            img = fn.decoders.image_random_crop(
-                jpg, device=decode_dev, output_type=types.RGB, random_area=[min_scale, 1.0],
-                random_aspect_ratio=[3.0 / 4.0, 4.0 / 3.0], num_attempts=10,
-            )  # fmt: skip
-            mirror = fn.random.coin_flip(probability=0.5) if hflip else 0
+        if not plan.train:
+            enc = fn.external_source(source=source, num_outputs=1, batch=True)[0]
+            img = fn.decoders.image(enc, device=decode_dev, output_type=types.RGB)
+            img = fn.resize(img, resize_x=s, resize_y=s, interp_type=types.INTERP_CUBIC, antialias=True)
         else:
-            img = fn.decoders.image(jpg, device=decode_dev, output_type=types.RGB)
-            mirror = 0
-        img = fn.resize(img, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_CUBIC,
-                        antialias=True)  # fmt: skip
-        img = fn.crop_mirror_normalize(
-            img, dtype=types.FLOAT, output_layout="CHW", mirror=mirror,
-            mean=[m * 255 for m in MEAN], std=[s * 255 for s in STD],
-        )  # fmt: skip
-        return img, txt, js
+            ins = fn.external_source(source=source, num_outputs=4 + 2 * plan.slots, batch=True)
+            enc, anchor, shape, flip = ins[:4]
+            img = fn.decoders.image_slice(enc, anchor, shape, axis_names="HW", normalized_anchor=False,
+                                          normalized_shape=False, device=decode_dev, output_type=types.RGB)  # fmt: skip
+            img = fn.resize(img, resize_x=s, resize_y=s, interp_type=types.INTERP_CUBIC, antialias=True)
+            img = fn.flip(img, horizontal=flip)
+            for k in range(plan.slots):
+                kind, mat = ins[4 + 2 * k], ins[5 + 2 * k]
+                if kind == KIND_AFFINE:
+                    img = fn.warp_affine(img, matrix=mat, fill_value=128.0, interp_type=types.INTERP_LINEAR)
+                elif kind == KIND_AUTOCONTRAST:
+                    img = _autocontrast(img)
+                elif kind == KIND_EQUALIZE:
+                    img = fn.equalize(img)
+        return fn.crop_mirror_normalize(
+            img,
+            dtype=types.FLOAT,
+            output_layout="CHW",
+            mean=[m * 255 for m in MEAN],
+            std=[v * 255 for v in STD],
+        )
 
     p = pipe()
     p.build()
@@ -94,111 +206,143 @@ def _to_torch(tl, device: torch.device) -> torch.Tensor:
 
 
 class DaliLoader:
-    """Iterable of Batch over a DALI pipeline; one pass = one epoch of this rank's shard slice."""
+    """Iterable of Batch: a PIL-path ``Loader`` (built over a ``DaliPlan``) feeding a DALI pipeline.
 
-    def __init__(self, paths, cfg: dict, tokenizer, skipped: dict):
-        self.paths, self.cfg, self.tokenizer = paths, cfg, tokenizer
-        self.epoch, self.batches = 0, 0
-        self._skip_on_resume = 0
-        self.stats = {"ok": 0, "skipped": dict(skipped), "converted": {}}
-        dev = cfg["device"]
-        self.device = torch.device(dev) if dev is not None else torch.device("cpu")
-        device_id = (self.device.index or 0) if self.device.type == "cuda" else None
-        self.pipe = build_pipeline(
-            paths, image_size=cfg["image_size"], batch_size=cfg["batch_size"], train=cfg["train"],
-            device_id=device_id, num_threads=cfg["num_threads"], seed=cfg["seed"], shard_id=cfg["rank"],
-            num_shards=cfg["world_size"], shuffle=cfg["shuffle"], min_scale=cfg["min_scale"],
-            hflip=cfg["hflip"],
-        )  # fmt: skip
-        self.samples_per_epoch = self.pipe.epoch_size("reader") // cfg["world_size"]
+    Same interface as ``loader.Loader``: ``set_epoch``, ``state_dict`` / ``load_state_dict`` (exact resume,
+    interchangeable with the PIL backend's), ``stats``, ``len``.
+    """
+
+    def __init__(
+        self, inner, plan: DaliPlan, *, tokenizer, device=None, num_threads: int = 2, prefetch: int = 2
+    ):
+        require_dali()
+        self.inner, self.plan, self.tokenizer = inner, plan, tokenizer
+        self.cfg = inner.cfg
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
+        self.num_threads, self.prefetch = num_threads, prefetch
+        self._state = inner.state_dict()  # the position after the last batch yielded
+        self._fed: deque = deque()  # (EncodedBatch, inner state after it): in DALI, not yet yielded
+        self._replay: deque = deque()  # fed to a pipeline that died: feed again first
+        self._it = None
+        self._logged = 0
+
+    # -- Loader interface ---------------------------------------------------------------------------
+    @property
+    def stats(self) -> dict:
+        return self.inner.stats
+
+    @property
+    def epoch(self) -> int:
+        return int(self._state["epoch"])
+
+    @property
+    def batch_size(self) -> int:
+        return self.cfg.batch_size
 
     def __len__(self) -> int:
-        return -(-self.samples_per_epoch // self.cfg["batch_size"])
+        return len(self.inner)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        if epoch != self.epoch:
+            self.inner.set_epoch(epoch)
+            self._state = self.inner.state_dict()
 
     def state_dict(self) -> dict:
-        return {"backend": "dali", "epoch": self.epoch, "batches": self.batches, "seed": self.cfg["seed"]}
+        return dict(self._state)
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
-        self._skip_on_resume = self.batches
+        self.inner.load_state_dict(state)
+        self._state = self.inner.state_dict()
 
-    def _rows(self, txt, js) -> tuple[list[int], list[str], list[int], list[str], list[dict]]:
-        keep, texts, ids, keys, metas = [], [], [], [], []
-        for i in range(len(txt)):
-            info = txt[i].source_info()  # "shard.tar:offset:key.txt"
-            shard, _, member = info.rpartition(":")
-            shard = shard.rpartition(":")[0]
-            key = member.partition(".")[0]
-            raw_meta = bytes(np.array(js.at(i))) if len(np.array(js.at(i))) else b""
+    # -- the pipeline -------------------------------------------------------------------------------
+    def _source(self):
+        if self._replay:
+            item = self._replay.popleft()
+        else:
+            b = next(self._it)  # StopIteration ends DALI's epoch
+            item = (b, self.inner.state_dict())
+        self._fed.append(item)
+        return self.plan.feed(item[0])
+
+    def _build(self):
+        return build_pipeline(self.plan, self._source, batch_size=self.cfg.batch_size, device_id=self.device_id,
+                              num_threads=self.num_threads, seed=self.cfg.seed, prefetch=self.prefetch)  # fmt: skip
+
+    def _batch(self, pixels: torch.Tensor, b: EncodedBatch) -> Batch:
+        on = self.device
+        return Batch(pixels, b.input_ids.to(on), b.attention_mask.to(on), b.image_ids.to(on), b.keys, b.texts,
+                     b.meta)  # fmt: skip
+
+    def _with_pil(self, b: EncodedBatch, err: Exception) -> Batch | None:
+        """Redo a batch DALI failed on with PIL: same drawn transforms; what PIL rejects too is skipped."""
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        detail = next(
+            (ln for ln in lines if "sample #" in ln), next((ln for ln in lines if "rror" in ln), "")
+        )
+        if (m := re.search(r"sample #(\d+)", detail)) and int(m.group(1)) < len(b):
+            detail += f" (key {b.keys[int(m.group(1))]})"
+        log.warning("DALI failed on a batch of %d in %s: %s; redoing the batch with PIL", len(b),
+                    b.meta[0].get("shard") if b.meta else "?", detail)  # fmt: skip
+        stats = self.inner.stats
+        stats["dali_fallback_batches"] = stats.get("dali_fallback_batches", 0) + 1
+        pix, keep = [], []
+        for i in range(len(b)):
             try:
-                meta = json.loads(raw_meta) if raw_meta else {}
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                meta = {}
-            cap = bytes(np.array(txt.at(i))) or (meta.get("caption", "").encode("utf-8") or None)
-            text, reason = clean_caption_bytes(cap)
-            text = pre_caption(text, self.cfg["max_words"]) if text else text
-            if reason is None and not text:
-                reason = "empty_caption"
-            if reason:
-                self.stats["skipped"][reason] = self.stats["skipped"].get(reason, 0) + 1
+                img, _ = decode_image(b.payload(i), self.cfg.max_pixels)
+            except DecodeError as e:
+                stats["ok"] -= 1
+                stats["skipped"][e.reason] = stats["skipped"].get(e.reason, 0) + 1
+                if self._logged < MAX_LOGGED:
+                    self._logged += 1
+                    log.warning("skipped sample %s in %s: %s", b.keys[i], b.meta[i].get("shard"), e)
                 continue
-            iid = meta.get("image_id")
+            t = self.plan.transform
+            pix.append(t.apply(img, b.params[i]) if self.plan.train else t(img))
             keep.append(i)
-            texts.append(self.cfg["prompt"] + text)
-            ids.append(iid if isinstance(iid, int) else (int(key) if key.isdigit() else i))
-            keys.append(key)
-            metas.append({"noisy": meta.get("noisy"), "shard": shard, "image_id": ids[-1]})
-        return keep, texts, ids, keys, metas
+        if not keep:
+            return None
+        out = collate(pix, [b.texts[i] for i in keep], [int(b.image_ids[i]) for i in keep], [b.keys[i] for i in keep],
+                      [b.meta[i] for i in keep], self.tokenizer, self.cfg.max_length, self.cfg.padding)  # fmt: skip
+        return out.to(self.device) if self.device.type != "cpu" else out
 
     def __iter__(self):
-        n = len(self)
-        start = self._skip_on_resume
-        self._skip_on_resume = 0
-        for b in range(n):
-            img, txt, js = self.pipe.run()
-            if b < start:
-                continue
-            pixels = _to_torch(img, self.device)
-            keep, texts, ids, keys, metas = self._rows(txt, js)
-            if not keep:
-                continue
-            if len(keep) < pixels.shape[0]:
-                pixels = pixels[torch.tensor(keep, device=pixels.device)]
-            batch = collate(list(pixels), texts, ids, keys, metas, self.tokenizer,
-                            max_length=self.cfg["max_length"], padding=self.cfg["padding"])  # fmt: skip
-            self.stats["ok"] += len(keep)
-            self.batches += 1
-            yield batch
-        self.pipe.reset()
-        self.epoch, self.batches = self.epoch + 1, 0
-
-
-def build_dali_loader(sources, *, image_size: int, batch_size: int, train: bool, tokenizer, max_words: int = 30,
-                      max_length: int = 35, prompt: str = "", min_scale: float = 0.2, seed: int = 0, rank: int = 0,
-                      world_size: int = 1, shuffle: bool = False, padding: str = "longest", device=None,
-                      num_threads: int = 2, randaugment: bool = True, hflip: bool = True) -> DaliLoader:  # fmt: skip
-    _require_dali()
-    src = parse_sources(sources)
-    if src.json:
-        raise ValueError("backend='dali' reads webdataset shards only; use backend='pil' for JSON sources")
-    skipped: dict = {}
-    paths = []
-    for u in src.shards:
-        if (r := shard_problem(u)) is not None:
-            skipped[r] = skipped.get(r, 0) + 1
-            log.warning("skipped shard %s: %s", u, r)
-        else:
-            paths.append(u)
-    if not paths:
-        raise FileNotFoundError(f"nothing readable in the data source: {', '.join(src.shards[:3])}")
-    if train and randaugment:
-        log.info(
-            "dali backend: RandomAugment is not applied (crop, flip, normalise only); see fastblip/data/dali.py"
-        )
-    cfg = dict(image_size=image_size, batch_size=batch_size, train=train, max_words=max_words, max_length=max_length,
-               prompt=prompt, min_scale=min_scale, seed=seed, rank=rank, world_size=world_size, shuffle=shuffle,
-               padding=padding, device=device, num_threads=num_threads, hflip=hflip)  # fmt: skip
-    return DaliLoader(paths, cfg, tokenizer, skipped)
+        self.inner.load_state_dict(
+            self._state
+        )  # restart from the last batch yielded, whatever was prefetched
+        self._it = iter(self.inner)
+        self._fed.clear()
+        self._replay.clear()
+        pipe, failed = self._build(), 0
+        try:
+            while True:
+                try:
+                    outs = pipe.run()
+                except StopIteration:
+                    break
+                except (
+                    RuntimeError
+                ) as e:  # a decoder error: the pipeline is dead; the oldest fed batch failed
+                    if not self._fed:
+                        raise
+                    b, state = self._fed.popleft()
+                    self._replay.extend(self._fed)
+                    self._fed.clear()
+                    failed += 1
+                    if failed >= MAX_FAILED_IN_A_ROW:
+                        raise RuntimeError(f"DALI failed on {failed} batches in a row: not bad data") from e
+                    del pipe
+                    pipe = self._build()
+                    out = self._with_pil(b, e)
+                    self._state = state
+                    if out is not None:
+                        yield out
+                    continue
+                failed = 0
+                b, state = self._fed.popleft()
+                self._state = state
+                yield self._batch(_to_torch(outs[0], self.device), b)
+            self._state = self.inner.state_dict()  # the inner loader ran to its end: next epoch
+        finally:
+            self._it = None
+            del pipe

@@ -153,6 +153,9 @@ class BlipStream(IterableDataset):
     def __init__(self, cfg: StreamConfig, transform, tokenizer):
         super().__init__()
         self.cfg, self.transform, self.tokenizer = cfg, transform, tokenizer
+        # A transform with ``encodes = True`` (dali.DaliPlan) gets the bytes instead of a decoded image:
+        # ``encode(bytes, max_pixels, rng) -> (sample, converted)`` and ``collate(...) -> EncodedBatch``.
+        self.encodes = bool(getattr(transform, "encodes", False))
         self.epoch = 0
         self.resume: dict[int, dict] = {}  # logical worker → position
         self.rotation = 0  # logical id of physical worker 0 (the worker due to yield the next batch)
@@ -195,7 +198,11 @@ class BlipStream(IterableDataset):
                 problem = "empty_caption"
         if problem is None:
             try:
-                img, converted = decode_image(img_b, cfg.max_pixels)
+                if self.encodes:  # a GPU decoder downstream: validate and draw the transform, no pixels
+                    pixels, converted = self.transform.encode(img_b, cfg.max_pixels, rng)
+                else:
+                    img, converted = decode_image(img_b, cfg.max_pixels)
+                    pixels = None
             except DecodeError as e:
                 problem = e.reason
                 detail = str(e)
@@ -212,7 +219,8 @@ class BlipStream(IterableDataset):
                 self._logged += 1
                 log.warning("skipped sample %s in %s: %s", key, shard, detail)
             return None
-        pixels = self.transform(img, rng)
+        if pixels is None:
+            pixels = self.transform(img, rng)
         counts["ok"] += 1
         meta = {"noisy": meta_in.get("noisy"), "shard": shard, "image_id": image_id}
         if "captions" in meta_in:
@@ -221,6 +229,9 @@ class BlipStream(IterableDataset):
 
     def _batch(self, items: list[tuple]) -> object:
         pix, texts, ids, keys, metas = zip(*items)
+        if self.encodes:
+            return self.transform.collate(list(pix), list(texts), list(ids), list(keys), list(metas),
+                                          self.tokenizer, self.cfg.max_length, self.cfg.padding)  # fmt: skip
         return collate(
             list(pix), list(texts), list(ids), list(keys), list(metas), self.tokenizer,
             max_length=self.cfg.max_length, padding=self.cfg.padding,

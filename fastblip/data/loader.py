@@ -1,7 +1,9 @@
 """``build_loader``: the one entry point of training, eval and capfilt to their data.
 
 Backends: ``pil`` (default): DataLoader workers decode with PIL, transform, tokenise and collate, and
-batches come back pinned; ``dali``: see dali.py. Both yield ``Batch``.
+batches come back pinned; ``dali``: the same workers read, validate, tokenise and draw each sample's
+transform, and DALI decodes (nvJPEG on the GPU) and transforms (see dali.py). Both yield ``Batch``, and
+share sources, sharding, shuffling, bad-input handling and resume states.
 
 Epochs: iterate once per epoch; a pass that runs to its end advances ``epoch`` by one (``set_epoch``
 overrides). ``state_dict()`` after any batch is the data position (epoch, batches consumed, each
@@ -155,16 +157,6 @@ def build_loader(
     tok = tokenizer if tokenizer is not None else load_tokenizer()
     shuffle = train if shuffle is None else shuffle
     drop_last = train if drop_last is None else drop_last
-    if backend == "dali":
-        from .dali import build_dali_loader
-
-        return build_dali_loader(
-            sources, image_size=image_size, batch_size=batch_size, train=train, tokenizer=tok,
-            max_words=max_words, max_length=max_length, prompt=prompt, min_scale=min_scale,
-            seed=seed, rank=rank, world_size=world_size, shuffle=shuffle, padding=padding,
-            device=device, num_threads=max(1, num_workers), randaugment=randaugment,
-            hflip=hflip,
-        )  # fmt: skip
     src = parse_sources(sources, flatten_json=train)
     preflight(src)
     cfg = StreamConfig(
@@ -173,6 +165,13 @@ def build_loader(
         world_size=world_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
         max_words=max_words, max_length=max_length, prompt=prompt, padding=padding,
     )  # fmt: skip
+    if backend == "dali":
+        from .dali import DaliLoader, DaliPlan, require_dali
+
+        require_dali()
+        plan = DaliPlan(image_size, train, (min_scale, 1.0), randaugment, hflip)
+        inner = Loader(BlipStream(cfg, plan, tok), src, pin_memory=False, batches_per_epoch=batches_per_epoch)
+        return DaliLoader(inner, plan, tokenizer=tok, device=device, num_threads=max(2, num_workers))
     tf = train_transform(image_size, (min_scale, 1.0), randaugment, hflip) if train else eval_transform(image_size)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
