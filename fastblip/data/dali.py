@@ -13,8 +13,9 @@ a loader holds for both backends:
   there exactly as the PIL path does and passed on as lossless BMP. Corruption that only decoding shows
   (a broken Huffman table, say) makes DALI raise: the loader then rebuilds the pipeline, redoes that one
   batch with PIL (skipping, counting and logging what PIL cannot decode either) and replays the batches
-  DALI had prefetched. ``stats["dali_fallback_batches"]`` counts these; three failing batches in a row
-  are not bad data, and re-raise.
+  DALI had prefetched. ``stats["dali_fallback_batches"]`` counts these; such a batch comes out shorter
+  by the samples PIL rejected (the PIL path would have filled it from the next samples). Three failed
+  batches in a row in which PIL finds no bad image are not bad data, and re-raise.
 - sources, sharding, shuffling and resume are the PIL loader's: ``state_dict()`` is the position after
   the last batch *yielded* (not the prefetched ones), and the two backends' states are interchangeable.
 - transforms: each sample's crop box, flip and RandomAugment ops come from ``TrainTransform.params`` with
@@ -55,7 +56,7 @@ except ImportError as e:  # optional dependency: nvidia-dali-cuda130
 
 # RandomAugment slot kinds as DALI sees them; Identity and the enhance ops at factor 1.0 are KIND_NONE.
 KIND_NONE, KIND_AUTOCONTRAST, KIND_EQUALIZE, KIND_AFFINE = 0, 1, 2, 3
-MAX_FAILED_IN_A_ROW = 3
+MAX_FAILED_IN_A_ROW = 3  # DALI failures that PIL finds no bad image in: a bug, not data
 MAX_LOGGED = 5
 
 
@@ -98,23 +99,18 @@ class DaliPlan:
                             metas)  # fmt: skip
 
     def feed(self, b: EncodedBatch) -> tuple:
-        """The external-source inputs of one batch (see ``build_pipeline``)."""
+        """The external-source inputs of one batch (see ``build_pipeline``): the payloads, then (train) crop
+        anchors and shapes (B, 2), flips (B,) and per RandomAugment slot its kinds (B,) and maps (B, 2, 3)."""
         buf = b.data.numpy()
         images = [buf[b.offsets[i] : b.offsets[i + 1]] for i in range(len(b))]
         if not self.train:
             return (images,)
-        s = self.image_size
-        anchor = [np.array(p.crop[:2], dtype=np.float32) for p in b.params]
-        shape = [np.array(p.crop[2:], dtype=np.float32) for p in b.params]
-        flip = [np.array(int(p.flip), dtype=np.int32) for p in b.params]
-        out = [images, anchor, shape, flip]
+        crops = np.array([p.crop for p in b.params], dtype=np.float32).reshape(-1, 4)
+        flip = np.array([p.flip for p in b.params], dtype=np.int32)
+        out = [images, np.ascontiguousarray(crops[:, :2]), np.ascontiguousarray(crops[:, 2:]), flip]
         for k in range(self.slots):
-            kinds, mats = [], []
-            for p in b.params:
-                kind, mat = slot(p, k, s)
-                kinds.append(np.array(kind, dtype=np.int32))
-                mats.append(mat)
-            out += [kinds, mats]
+            kinds, mats = zip(*(slot(p, k, self.image_size) for p in b.params))
+            out += [np.array(kinds, dtype=np.int32), np.stack(mats)]
         return tuple(out)
 
 
@@ -219,12 +215,15 @@ class DaliLoader:
         self.inner, self.plan, self.tokenizer = inner, plan, tokenizer
         self.cfg = inner.cfg
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
+        if self.device.type == "cuda":
+            self.device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        else:
+            self.device_id = None
         self.num_threads, self.prefetch = num_threads, prefetch
         self._state = inner.state_dict()  # the position after the last batch yielded
         self._fed: deque = deque()  # (EncodedBatch, inner state after it): in DALI, not yet yielded
         self._replay: deque = deque()  # fed to a pipeline that died: feed again first
-        self._it = None
+        self._it, self._source_error = None, None
         self._logged = 0
 
     # -- Loader interface ---------------------------------------------------------------------------
@@ -260,7 +259,13 @@ class DaliLoader:
         if self._replay:
             item = self._replay.popleft()
         else:
-            b = next(self._it)  # StopIteration ends DALI's epoch
+            try:
+                b = next(self._it)  # StopIteration ends DALI's epoch
+            except StopIteration:
+                raise
+            except BaseException as e:  # the reader's own error, not DALI's: re-raised as is by __iter__
+                self._source_error = e
+                raise
             item = (b, self.inner.state_dict())
         self._fed.append(item)
         return self.plan.feed(item[0])
@@ -274,16 +279,15 @@ class DaliLoader:
         return Batch(pixels, b.input_ids.to(on), b.attention_mask.to(on), b.image_ids.to(on), b.keys, b.texts,
                      b.meta)  # fmt: skip
 
-    def _with_pil(self, b: EncodedBatch, err: Exception) -> Batch | None:
-        """Redo a batch DALI failed on with PIL: same drawn transforms; what PIL rejects too is skipped."""
+    def _with_pil(self, b: EncodedBatch, err: Exception) -> tuple[Batch | None, int]:
+        """Redo a batch DALI failed on with PIL: same drawn transforms; what PIL rejects too is skipped.
+        Returns the batch (None when nothing was left) and how many samples PIL rejected."""
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        detail = next(
-            (ln for ln in lines if "sample #" in ln), next((ln for ln in lines if "rror" in ln), "")
-        )
+        detail = next((ln for ln in lines if "sample #" in ln), next((ln for ln in lines if "rror" in ln), ""))
         if (m := re.search(r"sample #(\d+)", detail)) and int(m.group(1)) < len(b):
             detail += f" (key {b.keys[int(m.group(1))]})"
-        log.warning("DALI failed on a batch of %d in %s: %s; redoing the batch with PIL", len(b),
-                    b.meta[0].get("shard") if b.meta else "?", detail)  # fmt: skip
+        shard = b.meta[0].get("shard") if b.meta else "?"
+        log.warning("DALI failed on a batch of %d in %s: %s; redoing the batch with PIL", len(b), shard, detail)
         stats = self.inner.stats
         stats["dali_fallback_batches"] = stats.get("dali_fallback_batches", 0) + 1
         pix, keep = [], []
@@ -300,45 +304,43 @@ class DaliLoader:
             t = self.plan.transform
             pix.append(t.apply(img, b.params[i]) if self.plan.train else t(img))
             keep.append(i)
+        rejected = len(b) - len(keep)
         if not keep:
-            return None
+            return None, rejected
         out = collate(pix, [b.texts[i] for i in keep], [int(b.image_ids[i]) for i in keep], [b.keys[i] for i in keep],
                       [b.meta[i] for i in keep], self.tokenizer, self.cfg.max_length, self.cfg.padding)  # fmt: skip
-        return out.to(self.device) if self.device.type != "cpu" else out
+        return (out.to(self.device) if self.device.type != "cpu" else out), rejected
 
     def __iter__(self):
-        self.inner.load_state_dict(
-            self._state
-        )  # restart from the last batch yielded, whatever was prefetched
-        self._it = iter(self.inner)
+        self.inner.load_state_dict(self._state)  # restart after the last batch yielded, not the prefetched ones
+        self._it, self._source_error = iter(self.inner), None
         self._fed.clear()
         self._replay.clear()
-        pipe, failed = self._build(), 0
+        pipe, unexplained = self._build(), 0
         try:
             while True:
                 try:
                     outs = pipe.run()
                 except StopIteration:
                     break
-                except (
-                    RuntimeError
-                ) as e:  # a decoder error: the pipeline is dead; the oldest fed batch failed
-                    if not self._fed:
+                except RuntimeError as e:
+                    if self._source_error is not None or not self._fed:
                         raise
+                    # a decoder error: this pipeline is dead and the oldest batch fed to it failed
                     b, state = self._fed.popleft()
                     self._replay.extend(self._fed)
                     self._fed.clear()
-                    failed += 1
-                    if failed >= MAX_FAILED_IN_A_ROW:
-                        raise RuntimeError(f"DALI failed on {failed} batches in a row: not bad data") from e
                     del pipe
                     pipe = self._build()
-                    out = self._with_pil(b, e)
+                    out, rejected = self._with_pil(b, e)
+                    unexplained = 0 if rejected else unexplained + 1
+                    if unexplained >= MAX_FAILED_IN_A_ROW:
+                        raise RuntimeError(f"DALI failed on {unexplained} batches in a row that PIL decodes "
+                                           "without a bad image: not bad data") from e  # fmt: skip
                     self._state = state
                     if out is not None:
                         yield out
                     continue
-                failed = 0
                 b, state = self._fed.popleft()
                 self._state = state
                 yield self._batch(_to_torch(outs[0], self.device), b)
