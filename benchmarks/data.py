@@ -2,6 +2,8 @@
 
 Input: web-like JPEGs (~500×400, quality 90: gradients + noise) in webdataset shards, eval-style and
 train-style transforms at 224 and 384 px. Timing excludes the first batch (worker start, pipeline build).
+``dali-feed`` rows time the DALI backend's Python half alone in one worker (read, validate the header,
+draw the transform, tokenise): what one DataLoader worker can feed DALI.
 Rows: {"suite": "data", "impl", "image_size", "images_per_sec", "num_workers", ...}; an impl that cannot run
 records ``"error"`` with the reason instead of a number.
 """
@@ -17,7 +19,7 @@ import time
 import numpy as np
 from PIL import Image
 
-SIZES = {"tiny": (32, 8), "small": (512, 32), "full": (4096, 128)}  # images, batch size
+SIZES = {"tiny": (32, 8), "base": (512, 32), "large": (4096, 128)}  # images, batch size
 
 
 def make_shards(out_dir: str, num: int, per_shard: int = 256, seed: int = 0) -> str:
@@ -47,7 +49,7 @@ def _time(loader) -> tuple[float, int]:
     for b in it:
         n += len(b)
     last = b if n else first
-    if last.pixel_values.is_cuda:
+    if getattr(last, "pixel_values", None) is not None and last.pixel_values.is_cuda:
         import torch
 
         torch.cuda.synchronize()
@@ -79,6 +81,12 @@ def run(device: str = "cpu", size: str = "tiny") -> list[dict]:
                     rows.append(
                         {**base, "impl": impl, "num_workers": workers, "images_per_sec": ips, "timed": n}
                     )
+                    # the DALI backend's Python half alone, in one worker: read, validate, draw, tokenise
+                    # (workers × this rate bounds what DALI can be fed; the target is 3,000 img/s per GPU)
+                    feed = build_loader(shards, image_size=image_size, batch_size=bs, train=train, backend="dali",
+                                        num_workers=0).inner  # fmt: skip
+                    ips, n = _time(feed)
+                    rows.append({**base, "impl": "dali-feed", "num_workers": 1, "images_per_sec": ips, "timed": n})
                 except (ImportError, RuntimeError) as e:
                     rows.append({**base, "impl": impl, "num_workers": workers, "images_per_sec": None,
                                  "error": f"{type(e).__name__}: {e}".splitlines()[0]})  # fmt: skip

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU session in one command: install fastblip (--no-deps) into /tmp/site with the carried wheels,
 # run the gpu-marked tests, then the benchmark suites at the given sizes, copying results to $OUT.
-#   usage: bash benchmarks/gpu_session.sh "tests|kernels:base|pretrain:base|pretrain:large|capfilt:base|..."
+#   usage: bash benchmarks/gpu_session.sh "tests|kernels:base|pretrain:base|pretrain:large|capfilt:base|data:large|..."
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
