@@ -173,3 +173,11 @@ def test_init_from_timm_bert_and_checkpoint(tmp_path):
     assert model2.visual_encoder.pos_embed.shape[1] == 37
     assert torch.equal(model2.text_encoder.encoder.layer[2].crossattention.self.key.weight,
                        model.text_encoder.encoder.layer[2].crossattention.self.key.weight)
+
+    # a checkpoint that pickles code is refused (weights_only=True, as fastblip.load), in one line
+    from fastblip.checkpoints.io import CheckpointError
+
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=1)}, tmp_path / "unsafe.pth")
+    over3 = [o for o in over2 if "init_from" not in o] + [f"model.init_from={tmp_path / 'unsafe.pth'}"]
+    with pytest.raises(CheckpointError, match=r"refused by torch.load\(weights_only=True\)"):
+        build_and_init(read_recipe(None, over3))

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from fastblip.checkpoints.io import read_tensor_file
 from fastblip.train.recipe import Recipe
 
 log = logging.getLogger("fastblip.train")
@@ -23,7 +24,8 @@ def _read_state(path: str) -> dict:
     if not p.exists():
         raise FileNotFoundError(f"model.init_from: checkpoint not found: {p}")
     if p.is_file() and p.suffix in (".pth", ".pt", ".bin"):
-        sd = torch.load(p, map_location="cpu", weights_only=False)
+        # weights_only=True, as fastblip.load: a checkpoint passed as init_from cannot run code
+        sd = read_tensor_file(p)
         if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
             sd = sd["model"]
         return sd
