@@ -142,6 +142,42 @@ def test_fast_path_equals_reference(base_model, ops):
     torch.testing.assert_close(fast.image_queue, ref.image_queue)
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_gradients_are_bit_identical_run_to_run(shared):
+    """Same weights, batch and seed: bit-identical gradients on CPU with 2 threads (the tiny recipe's model,
+    dropout on). Gathering image tokens or K/V with ``x[idx]`` made this fail: its backward (index_put_
+    accumulate) adds with CPU atomics once a gather is large enough, so the same seed trained a different
+    model in every process (tests/test_downstream_learns.py was flaky)."""
+    from pathlib import Path
+
+    from fastblip.data.batch import Batch
+    from fastblip.train.init import build_and_init
+    from fastblip.train.recipe import read_recipe
+
+    torch.manual_seed(0)
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "pretrain_tiny_cpu.yaml"
+    m = build_and_init(read_recipe(recipe, [f"model.config.shared_cross_kv={str(shared).lower()}"])).train()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, 2000, (16, 12), generator=g)
+    ids[:, 0] = 101
+    batch = Batch(torch.randn(16, 3, 64, 64, generator=g), ids, torch.ones_like(ids), torch.arange(16))
+    state = copy.deepcopy(m.state_dict())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = []
+        for _ in range(3):
+            m.load_state_dict(state)
+            m.zero_grad(set_to_none=True)
+            torch.manual_seed(5)
+            m.training_forward(batch, alpha=0.4)["loss"].backward()
+            runs.append(_grads(m))
+    finally:
+        torch.set_num_threads(threads)
+    for grads in runs[1:]:
+        assert [n for n in grads if not torch.equal(grads[n], runs[0][n])] == []
+
+
 def test_padding_longest_equals_max_length(base_model):
     fast = copy.deepcopy(base_model)
     fast.cfg.shared_cross_kv = True

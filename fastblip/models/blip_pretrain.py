@@ -142,7 +142,9 @@ class BlipPretrain(ContrastiveMixin, CaptionMixin, BlipBase):
         """Official layout: pos pass (B rows), neg pass (2B rows, gathered image embeds), decoder pass; each
         re-projects its image tokens to cross-attention K/V."""
         out_pos = self.text_encoder(enc_ids, mask, image=image_embeds)[:, 0]  # (B, C)
-        image_embeds_neg = image_embeds[neg_img]  # (B, N, Cv) a negative image for each text, with grad
+        # (B, N, Cv) a negative image for each text, with grad; index_select: its backward sums in index order
+        # (advanced indexing's index_put_ accumulates with CPU atomics: run-to-run different gradients)
+        image_embeds_neg = image_embeds.index_select(0, neg_img)
         text_ids_all = torch.cat([enc_ids, enc_ids[neg_txt]], dim=0)  # (2B, L)
         text_atts_all = torch.cat([mask, mask[neg_txt]], dim=0)
         image_embeds_all = torch.cat([image_embeds_neg, image_embeds], dim=0)  # (2B, N, Cv)

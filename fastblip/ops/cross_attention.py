@@ -16,7 +16,9 @@ def cross_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Gather each row's image K/V, then the official explicit softmax(QK^T / sqrt(D) + mask) V, with the
     BERT extended-mask convention: masked keys get -10000 added (models/med.py get_extended_attention_mask)."""
-    k_NHLD, v_NHLD = k[kv_index], v[kv_index]  # (N, H, Lk, D)
+    # index_select, not k[kv_index]: advanced indexing's backward (index_put_ accumulate) adds with CPU
+    # atomics across threads, so gradients differed from run to run; index_add_ sums in index order
+    k_NHLD, v_NHLD = k.index_select(0, kv_index), v.index_select(0, kv_index)  # (N, H, Lk, D)
     scores = q @ k_NHLD.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (N, H, Lq, Lk)
     if key_padding_mask is not None:
         bias_NK = (1.0 - key_padding_mask[kv_index].to(scores.dtype)) * -10000.0
