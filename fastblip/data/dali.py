@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from .batch import Batch, EncodedBatch, collate, tokenize
+from .dataset import MAX_LOGGED
 from .decode import DecodeError, decode_image, probe_image
 from .transforms import MEAN, STD, EvalTransform, TrainParams, TrainTransform, affine_data
 
@@ -57,7 +58,6 @@ except ImportError as e:  # optional dependency: nvidia-dali-cuda130
 # RandomAugment slot kinds as DALI sees them; Identity and the enhance ops at factor 1.0 are KIND_NONE.
 KIND_NONE, KIND_AUTOCONTRAST, KIND_EQUALIZE, KIND_AFFINE = 0, 1, 2, 3
 MAX_FAILED_IN_A_ROW = 3  # DALI failures that PIL finds no bad image in: a bug, not data
-MAX_LOGGED = 5
 
 
 def require_dali() -> None:
