@@ -202,17 +202,15 @@ def _to_torch(tl, device: torch.device) -> torch.Tensor:
 
 
 class DaliLoader:
-    """Iterable of Batch: a PIL-path ``Loader`` (built over a ``DaliPlan``) feeding a DALI pipeline.
+    """Iterable of Batch: a PIL-path ``Loader`` (its stream built over a ``DaliPlan``) feeding a DALI pipeline.
 
     Same interface as ``loader.Loader``: ``set_epoch``, ``state_dict`` / ``load_state_dict`` (exact resume,
     interchangeable with the PIL backend's), ``stats``, ``len``.
     """
 
-    def __init__(
-        self, inner, plan: DaliPlan, *, tokenizer, device=None, num_threads: int = 2, prefetch: int = 2
-    ):
+    def __init__(self, inner, *, device=None, num_threads: int = 2, prefetch: int = 2):
         require_dali()
-        self.inner, self.plan, self.tokenizer = inner, plan, tokenizer
+        self.inner, self.plan, self.tokenizer = inner, inner.stream.transform, inner.stream.tokenizer
         self.cfg = inner.cfg
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if self.device.type == "cuda":

@@ -166,12 +166,11 @@ def build_loader(
         max_words=max_words, max_length=max_length, prompt=prompt, padding=padding,
     )  # fmt: skip
     if backend == "dali":
-        from .dali import DaliLoader, DaliPlan, require_dali
+        from .dali import DaliLoader, DaliPlan
 
-        require_dali()
         plan = DaliPlan(image_size, train, (min_scale, 1.0), randaugment, hflip)
         inner = Loader(BlipStream(cfg, plan, tok), src, pin_memory=False, batches_per_epoch=batches_per_epoch)
-        return DaliLoader(inner, plan, tokenizer=tok, device=device, num_threads=max(2, num_workers))
+        return DaliLoader(inner, device=device, num_threads=max(2, num_workers))
     tf = train_transform(image_size, (min_scale, 1.0), randaugment, hflip) if train else eval_transform(image_size)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
