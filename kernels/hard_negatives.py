@@ -5,7 +5,8 @@ column whose id equals the row's id), then one draw with probability proportiona
 argmax_j (log w_j + G_j) with G_j = -log(-log U_j) is such a draw; U comes from Philox (``tl.rand``) keyed
 by (seed, direction, row, column), so a draw is reproducible for a given seed and needs no host sync
 (the official code calls ``multinomial(...).item()`` once per row: 2B host syncs per step).
-Each program takes BLOCK_R rows of one direction and streams its columns twice (max/sum, then sample).
+Each program takes one row of one direction and streams its columns twice (max/sum, then sample); until
+2026-11 a program took 64 rows, which spilled 4.4 KB of registers at C = 512 and left a grid of 2 programs.
 
 A row with no valid negative (every column a positive, or B = 1 without ids) returns the column of its
 largest similarity (argmax of the raw row): always in range, never NaN. The reference does the same.
@@ -27,76 +28,75 @@ def _sample_kernel(
     seed_ptr,  # (1,) int64 Philox seed
     out_ptr,  # (2, B) int64 sampled column per row
     B, C, eps,
-    HAS_IDX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_IDX: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
+    row = tl.program_id(0)  # one row per program: a (BLOCK_C,) tile is 8 fp32 per thread at C = 1024
     pid_d = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < B
-    base = sim_ptr + pid_d * B * C + rows[:, None] * C
-    # pass 1: lane-wise online max / sum of exp (-1e30 start keeps exp() finite on empty lanes)
-    m = tl.full([BLOCK_R], -1e30, tl.float32)
-    den = tl.zeros([BLOCK_R], tl.float32)
+    base = sim_ptr + (pid_d * B + row).to(tl.int64) * C
+    # pass 1: online max / sum of exp over the row (-1e30 start keeps exp() finite)
+    m = tl.full((), -1e30, tl.float32)
+    den = tl.zeros((), tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
-        x = tl.load(base + cols[None, :], mask=rmask[:, None] & (cols[None, :] < C), other=float("-inf"))
-        x = x.to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, 1))
-        den = den * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
+        x = tl.load(base + cols, mask=cols < C, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        den = den * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
         m = m_new
-    den = tl.where(den > 0, den, 1.0)  # rows past B: keep 0/0 out of the (masked) arithmetic
+    den = tl.where(den > 0, den, 1.0)  # a row of -inf: every w = eps, no 0/0
     seed = tl.load(seed_ptr)
     if HAS_IDX:
-        ridx = tl.load(idx_ptr + rows, mask=rmask, other=0)
-    best = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    arg = tl.zeros([BLOCK_R], tl.int32)
-    raw_best = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    raw_arg = tl.zeros([BLOCK_R], tl.int32)
+        ridx = tl.load(idx_ptr + row)
+    best = tl.full((), float("-inf"), tl.float32)
+    arg = tl.zeros((), tl.int32)
+    raw_best = tl.full((), float("-inf"), tl.float32)
+    raw_arg = tl.zeros((), tl.int32)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         cmask = cols < C
-        x = tl.load(base + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=float("-inf"))
-        x = x.to(tl.float32)
-        w = tl.exp(x - m[:, None]) / den[:, None] + eps
+        x = tl.load(base + cols, mask=cmask, other=float("-inf")).to(tl.float32)
+        w = tl.exp(x - m) / den + eps
         if HAS_IDX:
-            cidx = tl.load(idx_all_ptr + cols, mask=cmask, other=0)
-            pos = ridx[:, None] == cidx[None, :]
+            pos = tl.load(idx_all_ptr + cols, mask=cmask, other=0) == ridx
         else:
-            pos = rows[:, None] == cols[None, :]
-        valid = cmask[None, :] & (~pos) & (w > 0)
-        offs = (pid_d * B + rows[:, None]) * C + cols[None, :]
-        u = tl.rand(seed, offs)
+            pos = cols == row
+        valid = cmask & (~pos) & (w > 0)
+        # Philox counter = flat (direction, row, column) index, as when BLOCK_R rows shared a program:
+        # the uniforms for a given seed are unchanged
+        u = tl.rand(seed, (pid_d * B + row) * C + cols)
         u = tl.minimum(tl.maximum(u, 1e-12), 1.0 - 1e-7)  # keep -log(-log u) finite
         score = tl.where(valid, tl.log(tl.maximum(w, 1e-30)) - tl.log(-tl.log(u)), float("-inf"))
-        t_best = tl.max(score, 1)
-        t_arg = tl.argmax(score, 1).to(tl.int32) + c0
+        # strict > across tiles and tl.argmax's lowest index within one: the first column of the maximum
+        t_best = tl.max(score, 0)
+        t_arg = tl.argmax(score, 0).to(tl.int32) + c0
         take = t_best > best
         best = tl.where(take, t_best, best)
         arg = tl.where(take, t_arg, arg)
-        xr = tl.where(cmask[None, :], x, float("-inf"))
-        r_best = tl.max(xr, 1)
-        r_arg = tl.argmax(xr, 1).to(tl.int32) + c0
+        xr = tl.where(cmask, x, float("-inf"))
+        r_best = tl.max(xr, 0)
+        r_arg = tl.argmax(xr, 0).to(tl.int32) + c0
         r_take = r_best > raw_best
         raw_best = tl.where(r_take, r_best, raw_best)
         raw_arg = tl.where(r_take, r_arg, raw_arg)
     res = tl.where(best > float("-inf"), arg, raw_arg)
-    tl.store(out_ptr + pid_d * B + rows, res.to(tl.int64), mask=rmask)
+    tl.store(out_ptr + pid_d * B + row, res.to(tl.int64))
 
 
 def sample_forward(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, idx: torch.Tensor | None,
                    idx_all: torch.Tensor | None, eps: float, seed: torch.Tensor) -> torch.Tensor:
-    """Launch: returns (2, B) int64, row 0 = negative image for each text, row 1 = negative text per image."""
+    """Launch: returns (2, B) int64, row 0 = negative image for each text, row 1 = negative text per image.
+    Grid (B, 2): one program per row and direction (128 programs at B = 64, 256 at B = 128)."""
     B, C = sim_i2t.shape
     sims = torch.stack([sim_t2i, sim_i2t]).contiguous()  # (2, B, C): B x C is small (<= 128 x 2048)
     out = torch.empty(2, B, dtype=torch.int64, device=sim_i2t.device)
-    block_r = min(64, max(16, next_pow2(B)))
-    block_c = min(256, max(16, next_pow2(C)))
+    # <= 1024 columns per tile: 8 fp32 per thread with 4 warps (C = 1024: 4 warps; C = 512: 2; C <= 256: 1)
+    block_c = min(1024, max(16, next_pow2(C)))
+    num_warps = min(4, max(1, block_c // 256))
     has_idx = idx is not None
     idx_c = idx.reshape(-1).contiguous() if has_idx else out
     idx_all_c = idx_all.reshape(-1).contiguous() if has_idx else out
-    _sample_kernel[(triton.cdiv(B, block_r), 2)](
+    _sample_kernel[(B, 2)](
         sims, idx_c, idx_all_c, seed.reshape(-1).contiguous(), out, B, C, float(eps),
-        HAS_IDX=has_idx, BLOCK_R=block_r, BLOCK_C=block_c)
+        HAS_IDX=has_idx, BLOCK_C=block_c, num_warps=num_warps)
     return out
 
 

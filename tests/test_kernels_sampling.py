@@ -7,8 +7,11 @@ so the test is deterministic; a sampler off by a few percent on a 0.2-probabilit
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from scipy.stats import chisquare
 
+import fastblip.kernels.hard_negatives as hn
 from fastblip.kernels import INTERPRET
 from fastblip.ops import sample_hard_negatives, sample_hard_negatives_reference
 from fastblip.ops.sampling import negative_weights
@@ -125,3 +128,37 @@ def test_bad_shapes():
         sample_hard_negatives(torch.randn(3, 5), torch.randn(3, 5), backend="triton")
     with pytest.raises(ValueError, match="both"):
         sample_hard_negatives(torch.randn(3, 3), torch.randn(3, 4), backend="triton")
+
+
+@triton.jit
+def _philox_uniforms(seed_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """The kernel's uniforms: tl.rand(seed, flat index) for flat indices 0..n-1."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.rand(tl.load(seed_ptr), offs), mask=offs < n)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,C,use_idx", [(7, 1500, True), (33, 33, False), (3, 2049, True)])
+def test_draw_is_gumbel_max_of_philox_stream(device, B, C, use_idx):
+    """The reproducibility contract, exactly: the draw of row r in direction dr (0 = t2i, 1 = i2t) is
+    argmax_j log w_j - log(-log u) with u = tl.rand(seed, (dr * B + r) * C + j), whatever the tiling
+    (C = 1500 and 2049 take 2 and 3 column tiles). Recomputed in torch from the same uniforms; a tie within
+    float rounding between the two best columns would make this flaky, which at these sizes has probability
+    ~1e-5 per row (the gap between the two largest Gumbel scores is ~Exp(1)), and the seeds are fixed."""
+    _skip_cpu_without_interpreter(device)
+    g = torch.Generator().manual_seed(B * C)
+    sim_i2t = (torch.randn(B, C, generator=g) * 2).to(device)
+    sim_t2i = (torch.randn(B, C, generator=g) * 2).to(device)
+    idx = idx_all = None
+    if use_idx:
+        idx = torch.randint(0, 50, (B,), generator=g).to(device)
+        idx_all = torch.randint(0, 50, (C,), generator=g).to(device)
+    seed = torch.tensor([987654321], device=device)
+    got = hn.sample_forward(sim_i2t, sim_t2i, idx, idx_all, 1e-4, seed)
+    u = torch.empty(2 * B * C, device=device)
+    _philox_uniforms[(triton.cdiv(u.numel(), 1024),)](seed, u, u.numel(), BLOCK=1024)
+    u = u.reshape(2, B, C).double().clamp(1e-12, 1 - 1e-7)
+    for dr, sim in enumerate((sim_t2i, sim_i2t)):
+        w = negative_weights(sim, idx, idx_all, 1e-4).double()
+        score = torch.where(w > 0, w.clamp_min(1e-30).log() - (-u[dr].log()).log(), float("-inf"))
+        assert torch.equal(got[dr].cpu(), score.argmax(1).cpu()), dr
