@@ -8,14 +8,15 @@ Token ids in every method are plain tokenizer output (``[CLS] ... [SEP]``, padde
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastblip.backends import OPS, resolve_attention
 from fastblip.config import ModelConfig
 from fastblip.models.vit import VisionTransformer
-from fastblip.ops.attention import resolve_attention_backend
 
 log = logging.getLogger("fastblip")
 
@@ -42,6 +43,7 @@ class BlipBase(nn.Module):
         self.cfg = cfg
         self.visual_encoder = VisionTransformer(cfg.vision)
         self._tokenizer = None
+        self.op_backends: dict[str, str | None] = dict.fromkeys(OPS)
 
     def __getattr__(self, name: str):
         try:
@@ -54,16 +56,30 @@ class BlipBase(nn.Module):
             raise
 
     # ------------------------------------------------------------------ backends
-    def set_backends(self, attention: str | None = None, ops: str | None = None) -> None:
-        """Resolve the attention backend once (logged in one line) and push it into every module."""
-        attention = resolve_attention_backend(attention or self.cfg.attention_backend)
+    def set_backends(self, attention: str | None = None, ops: str | Mapping[str, str | None] | None = None
+                     ) -> None:
+        """Push concrete backend choices into every module (a run's ``fastblip.backends.Backends`` record
+        passes its ``attention`` and ``dict(ops)``). ``attention`` None keeps the config's (resolved here);
+        ``ops``: one backend for every fused op, a per-op mapping, or None (each call resolves by its tensors'
+        device: library use)."""
+        attention = resolve_attention(attention or self.cfg.attention_backend)
         self.cfg.attention_backend = attention
-        self.cfg.ops_backend = ops if ops is not None else self.cfg.ops_backend
+        if ops is None:
+            ops = self.cfg.ops_backend
+        if isinstance(ops, Mapping):
+            self.op_backends.update(ops)
+        else:
+            self.op_backends = dict.fromkeys(OPS, ops)
+            self.cfg.ops_backend = ops
         for m in self.modules():
             if hasattr(m, "set_attention_backend"):
                 m.set_attention_backend(attention)
             if hasattr(m, "set_backends") and m is not self:
-                m.set_backends(attention, self.cfg.ops_backend)
+                m.set_backends(attention, self.op_backends["cross_attention"])
+
+    def op_backend(self, op: str) -> str | None:
+        """The backend this model passes to fused op ``op`` (None = resolve per call)."""
+        return self.op_backends[op]
 
     @property
     def tokenizer(self):

@@ -43,7 +43,7 @@ class BlipCaption(CaptionMixin, BlipBase):
         head = self.text_decoder.cls.predictions
         loss = lm_cross_entropy(h.reshape(-1, h.shape[-1]), head.decoder.weight, head.bias,
                                 labels[:, 1:].reshape(-1), label_smoothing=self.cfg.text.label_smoothing,
-                                backend=self.cfg.ops_backend)
+                                backend=self.op_backend("lm_cross_entropy"))
         return {"lm_loss": loss, "loss": loss}
 
     def training_forward(self, batch, alpha: float = 0.0) -> dict:

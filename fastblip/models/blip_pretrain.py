@@ -85,7 +85,6 @@ class BlipPretrain(ContrastiveMixin, CaptionMixin, BlipBase):
         ``update_momentum`` / ``update_queue``: the trainer's gradient accumulation updates the momentum encoders
         once per optimiser step but enqueues every micro-batch (issue 4).
         """
-        ops = self.cfg.ops_backend
         B = pixel_values.shape[0]
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
@@ -108,12 +107,13 @@ class BlipPretrain(ContrastiveMixin, CaptionMixin, BlipBase):
         from fastblip.ops import itc_loss, lm_cross_entropy, sample_hard_negatives
 
         loss_itc, sim_i2t, sim_t2i = itc_loss(image_feat, text_feat, image_feat_m_all, text_feat_m_all, self.temp,
-                                              alpha, backend=ops)
+                                              alpha, backend=self.op_backend("itc_loss"))
         if update_queue:
             self.enqueue(image_feat_m, text_feat_m)
 
         if negatives is None:
-            negatives = sample_hard_negatives(sim_i2t, sim_t2i, eps=1e-4, backend=ops)
+            negatives = sample_hard_negatives(sim_i2t, sim_t2i, eps=1e-4,
+                                              backend=self.op_backend("sample_hard_negatives"))
         neg_image_for_text, neg_text_for_image = negatives
 
         enc_ids = self._with_first(input_ids, self.cfg.text.enc_token_id)
@@ -134,7 +134,7 @@ class BlipPretrain(ContrastiveMixin, CaptionMixin, BlipBase):
         head = self.text_decoder.cls.predictions
         loss_lm = lm_cross_entropy(h.reshape(-1, h.shape[-1]), head.decoder.weight, head.bias,
                                    labels[:, 1:].reshape(-1), label_smoothing=self.cfg.text.label_smoothing,
-                                   backend=ops)
+                                   backend=self.op_backend("lm_cross_entropy"))
         loss_itc, loss_lm = loss_itc.float(), loss_lm.float()
         return {"itc_loss": loss_itc, "itm_loss": loss_itm, "lm_loss": loss_lm, "loss": loss_itc + loss_itm + loss_lm}
 

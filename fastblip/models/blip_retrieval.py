@@ -84,7 +84,6 @@ class BlipRetrieval(ContrastiveMixin, BlipBase):
                              "not 'itm')")
         from fastblip.ops import enqueue_, itc_loss, momentum_update_, sample_hard_negatives
 
-        ops = self.cfg.ops_backend
         pix, ids, mask, idx = batch.pixel_values, batch.input_ids, batch.attention_mask, batch.image_ids.view(-1)
         B = ids.shape[0]
         with torch.no_grad():
@@ -102,7 +101,8 @@ class BlipRetrieval(ContrastiveMixin, BlipBase):
             img_m_all = torch.cat([img_m, self.image_queue.detach()])  # (B+Q, d)
             txt_m_all = torch.cat([txt_m, self.text_queue.detach()])
         loss_itc, _, _ = itc_loss(image_feat, text_feat, img_m_all, txt_m_all, self.temp, alpha, idx=idx,
-                                  idx_all=idx_all, backend=ops)
+                                  idx_all=idx_all,
+                                  backend=self.op_backend("itc_loss"))
         idx_world = gather_nograd(idx)  # (G,)
         enqueue_([self.image_queue, self.text_queue, self.idx_queue],
                  [gather_nograd(img_m), gather_nograd(txt_m), idx_world], self.ptr_queue)
@@ -113,7 +113,8 @@ class BlipRetrieval(ContrastiveMixin, BlipBase):
             t = self.temp.detach()
             sim_i2t = image_feat.detach() @ gather_nograd(text_feat.detach()).t() / t  # (B, G)
             sim_t2i = text_feat.detach() @ gather_nograd(image_feat.detach()).t() / t
-        neg_img, neg_txt = sample_hard_negatives(sim_i2t, sim_t2i, idx, idx_world, eps=0.0, backend=ops)
+        neg_img, neg_txt = sample_hard_negatives(sim_i2t, sim_t2i, idx, idx_world, eps=0.0,
+                                                  backend=self.op_backend("sample_hard_negatives"))
         ids_w, mask_w = _pad_to_world_len(enc_ids, mask)
         ids_w, mask_w = gather_nograd(ids_w), gather_nograd(mask_w)
         # the three text blocks padded to one length (a gathered text may be longer than ours)

@@ -65,7 +65,7 @@ class BlipVQA(BlipBase):
         head = self.text_decoder.cls.predictions
         ls = self.cfg.text.label_smoothing if label_smoothing is None else label_smoothing
         tok = lm_cross_entropy(h.reshape(-1, h.shape[-1]), head.decoder.weight, head.bias, labels.reshape(-1),
-                               label_smoothing=ls, reduction="none", backend=self.cfg.ops_backend)
+                               label_smoothing=ls, reduction="none", backend=self.op_backend("lm_cross_entropy"))
         return tok.view(labels.shape).sum(1)
 
     # ------------------------------------------------------------------ training

@@ -2,17 +2,14 @@
 
 Shapes (legend): B batch, H heads, Lq query length, Lk key length, D head dim.
 
-Backends, resolved once when a model is built (config ``attention_backend`` or ``FASTBLIP_ATTENTION``)
-and logged in one line:
+Backends (resolved once per run by ``fastblip.backends.resolve_attention``, which documents ``auto`` and the
+environment override):
 - ``reference``: the explicit ``softmax(QKᵀ/√D + mask) V`` of the official code, dropout on the probabilities.
-- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with PyTorch's own kernel choice.
-- ``auto`` (default): SDPA. Measured on an H100 (torch 2.11, bf16, benchmarks/results/attention_base_*):
-  SDPA's own choice already equals forced cuDNN attention for ViT self-attention (197, 577 tokens) and the
-  text->image cross-attention, and pinning a priority list with ``sdpa_kernel`` per call *cost* ~0.1 ms of
-  context-manager overhead per call, so ``auto`` pins nothing in eager mode. ``FASTBLIP_SDPA_PRIORITY=1``
-  turns the per-GPU priority list back on (cuDNN first on Hopper, memory-efficient first on Ampere) for
-  re-measuring on other GPUs and torch versions.
-- ``flash_attn`` / ``xformers``: only when installed, on CUDA, and asked for; a request for a missing one raises.
+- ``sdpa`` (what ``auto`` resolves to): ``torch.nn.functional.scaled_dot_product_attention`` with PyTorch's own
+  kernel choice; ``FASTBLIP_SDPA_PRIORITY=1`` pins the per-GPU priority list (cuDNN first on Hopper,
+  memory-efficient first on Ampere) for re-measuring on other GPUs and torch versions.
+- ``flash_attn`` / ``xformers``: only when installed, on CUDA, and asked for; ``flash_attn`` serves unmasked
+  attention only (a key-padding mask raises instead of silently running SDPA).
 
 Masks: ``key_padding_mask`` (B, Lk) bool/int with True/1 = attend; ``causal`` adds the decoder's lower-triangular
 mask. Fully-masked query rows cannot occur in BLIP (every text has [CLS]/[DEC] first and every image 197+ tokens).
@@ -20,56 +17,15 @@ mask. Fully-masked query rows cannot occur in BLIP (every text has [CLS]/[DEC] f
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger("fastblip")
+from fastblip.backends import BackendUnavailableError
 
-BACKENDS = ("auto", "reference", "sdpa", "flash_attn", "xformers")
-
-try:  # optional CUDA backends; the import error is kept for the message
-    import flash_attn as _flash_attn  # noqa: F401
-
-    HAS_FLASH_ATTN, _FLASH_ERR = True, None
-except ImportError as e:  # pragma: no cover - not installable on the CPU machines
-    HAS_FLASH_ATTN, _FLASH_ERR = False, e
-try:
-    import xformers.ops as _xops  # noqa: F401
-
-    HAS_XFORMERS, _XFORMERS_ERR = True, None
-except ImportError as e:  # pragma: no cover
-    HAS_XFORMERS, _XFORMERS_ERR = False, e
-
-_logged: set[str] = set()
 _PIN_PRIORITY = os.environ.get("FASTBLIP_SDPA_PRIORITY", "0") == "1"
-
-
-class BackendUnavailable(ValueError):
-    """An explicitly requested backend is missing."""
-
-
-def resolve_attention_backend(requested: str | None = None) -> str:
-    """Turn a requested name (or ``FASTBLIP_ATTENTION``, or ``auto``) into a concrete, available backend."""
-    name = (requested or os.environ.get("FASTBLIP_ATTENTION") or "auto").lower()
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend '{name}' (valid: {', '.join(BACKENDS)})")
-    if name == "flash_attn" and not (HAS_FLASH_ATTN and torch.cuda.is_available()):
-        why = "no CUDA device" if HAS_FLASH_ATTN else f"flash-attn not installed ({_FLASH_ERR})"
-        raise BackendUnavailable(f"attention backend 'flash_attn' requested but unavailable: {why}")
-    if name == "xformers" and not (HAS_XFORMERS and torch.cuda.is_available()):
-        why = "no CUDA device" if HAS_XFORMERS else f"xformers not installed ({_XFORMERS_ERR})"
-        raise BackendUnavailable(f"attention backend 'xformers' requested but unavailable: {why}")
-    if name not in _logged:
-        _logged.add(name)
-        detail = ""
-        if name == "auto" and torch.cuda.is_available() and _PIN_PRIORITY:
-            detail = f" (SDPA priority {', '.join(b.name for b in _sdpa_priority())})"
-        log.info("fastblip attention backend: %s%s", name, detail)
-    return name
 
 
 def _sdpa_priority():
@@ -121,7 +77,10 @@ def attention(
         if dropout_p > 0.0:
             probs = F.dropout(probs, p=dropout_p)
         return probs @ v
-    if backend == "flash_attn" and key_padding_mask is None:  # pragma: no cover - CUDA only
+    if backend == "flash_attn":  # pragma: no cover - CUDA only
+        if key_padding_mask is not None:
+            raise BackendUnavailableError("attention backend 'flash_attn' cannot take a key-padding mask "
+                                          "(flash_attn_func has none); use sdpa")
         from flash_attn import flash_attn_func
 
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p,
@@ -136,12 +95,12 @@ def attention(
         out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                               attn_bias=bias, p=dropout_p)
         return out.transpose(1, 2)
-    # sdpa / auto (and flash_attn with a padding mask, which flash_attn_func cannot take)
+    # sdpa / auto
     mask = None
     if key_padding_mask is not None or causal:
         # the official additive -10000 mask, so SDPA and reference agree on every row
         mask = _additive_mask(q, k.shape[-2], key_padding_mask, causal, q.dtype)
-    if backend == "auto" and q.is_cuda and _PIN_PRIORITY:
+    if q.is_cuda and _PIN_PRIORITY:
         from torch.nn.attention import sdpa_kernel
 
         with sdpa_kernel(_sdpa_priority(), set_priority=True):

@@ -15,7 +15,8 @@ from fastblip.ops._backend import resolve_backend
 def negative_weights(sim_BC: torch.Tensor, idx: torch.Tensor | None, idx_all: torch.Tensor | None,
                      eps: float) -> torch.Tensor:
     """softmax(row) + eps with positives zeroed; a row with no valid column becomes one-hot at its argmax
-    (the documented fallback, shared with the kernel) so multinomial never sees an all-zero row."""
+    (the documented fallback, shared with the kernel) so a draw never sees an all-zero row. Built with
+    ``scatter``, not ``F.one_hot`` (which checks its input's range on the host: a sync per call)."""
     w = F.softmax(sim_BC.float(), dim=1) + eps
     if idx is None:
         pos = torch.eye(sim_BC.shape[0], sim_BC.shape[1], dtype=torch.bool, device=sim_BC.device)
@@ -23,19 +24,29 @@ def negative_weights(sim_BC: torch.Tensor, idx: torch.Tensor | None, idx_all: to
         pos = idx.reshape(-1, 1) == idx_all.reshape(1, -1)
     w = w.masked_fill(pos, 0.0)
     empty = (w.sum(1, keepdim=True) == 0)
-    fallback = F.one_hot(sim_BC.argmax(1), sim_BC.shape[1]).to(w.dtype)
+    fallback = torch.zeros_like(w).scatter_(1, sim_BC.argmax(1, keepdim=True), 1.0)
     return torch.where(empty, fallback, w)
+
+
+def draw_one(w_BC: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One column per row with probability proportional to ``w_BC`` (B,) int64: exactly what
+    ``torch.multinomial(w, 1)`` computes for one sample (ATen's fast path: argmax of w / q, q ~ Exp(1), from the
+    same generator, so the same draws), without its two input checks that read the tensor on the host
+    (``(max < inf & min >= 0).item()`` and the zero-row count): two syncs per call on CUDA."""
+    q = torch.empty_like(w_BC).exponential_(1, generator=generator)
+    return (w_BC / q).argmax(1)
 
 
 def sample_hard_negatives_reference(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor,
                                     idx: torch.Tensor | None = None, idx_all: torch.Tensor | None = None,
                                     eps: float = 1e-4, generator: torch.Generator | None = None
                                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The official weights with one vectorised ``multinomial`` per matrix (no per-row ``.item()``)."""
+    """The official weights with one vectorised draw per matrix (the official code calls ``multinomial`` and
+    ``.item()`` once per row: 2B host syncs per step; ``draw_one`` makes the same draws with none)."""
     w_t2i = negative_weights(sim_t2i.detach(), idx, idx_all, eps)
     w_i2t = negative_weights(sim_i2t.detach(), idx, idx_all, eps)
-    neg_image_for_text = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
-    neg_text_for_image = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
+    neg_image_for_text = draw_one(w_t2i, generator)
+    neg_text_for_image = draw_one(w_i2t, generator)
     return neg_image_for_text, neg_text_for_image
 
 
