@@ -9,7 +9,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "save", "convert", "Processor", "build_model", "ModelConfig", "__version__"]
+from fastblip.errors import FastblipError  # noqa: E402  (no torch: `import fastblip` stays cheap)
+
+__all__ = ["load", "save", "convert", "Processor", "build_model", "ModelConfig", "FastblipError", "__version__"]
 
 
 def __getattr__(name: str):

@@ -17,12 +17,14 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from fastblip.errors import InputError, NotFoundError
+
 ASSET_VOCAB = Path(__file__).parent / "assets" / "vocab.txt"
 BERT_VOCAB_SIZE = 30522
 DEC_TOKEN, ENC_TOKEN = "[DEC]", "[ENC]"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError):
     """A tokenizer source that cannot be used."""
 
 
@@ -185,4 +187,4 @@ def load_tokenizer(path: str | Path | None = None) -> BlipTokenizer:
         return BlipTokenizer(_build_from_vocab(ASSET_VOCAB))
     if p.is_file():
         return _from_file(p)
-    raise FileNotFoundError(f"tokenizer source not found: {p}")
+    raise NotFoundError(f"tokenizer source not found: {p}")

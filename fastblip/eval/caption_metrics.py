@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from fastblip.cli import UserError
+from fastblip.errors import InputError, MissingDependencyError
 
 
-class MissingExtraError(UserError, ImportError):
+class MissingExtraError(MissingDependencyError):
     """An optional dependency group is not installed."""
 
 
@@ -35,9 +35,9 @@ def caption_scores(candidates: dict, references: dict, tokenize: bool = True) ->
     Bleu, Cider, PTBTokenizer = _scorers()
     missing = set(candidates) ^ set(references)
     if missing:
-        raise ValueError(f"candidates and references cover different images (e.g. {sorted(missing, key=str)[:3]})")
+        raise InputError(f"candidates and references cover different images (e.g. {sorted(missing, key=str)[:3]})")
     if not candidates:
-        raise ValueError("caption metrics: no captions to score")
+        raise InputError("caption metrics: no captions to score")
     gts = {k: [{"caption": c} for c in v] for k, v in references.items()}
     res = {k: [{"caption": c}] for k, c in candidates.items()}
     if tokenize:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from fastblip.errors import InputError
+
 
 @torch.no_grad()
 def evaluate_nlvr(model, loader, *, dtype: torch.dtype | None = None) -> dict[str, float]:
@@ -24,5 +26,5 @@ def evaluate_nlvr(model, loader, *, dtype: torch.dtype | None = None) -> dict[st
         dist.all_reduce(total)
     n = int(total)  # sync: once, at the end
     if n == 0:
-        raise ValueError("NLVR2 evaluation: the loader yielded no samples")
+        raise InputError("NLVR2 evaluation: the loader yielded no samples")
     return {"nlvr_acc": 100.0 * int(correct) / n, "num": n}

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from fastblip.errors import InputError
+
 FILL = -100.0
 
 
@@ -120,7 +122,7 @@ def evaluate_retrieval(model, loader, *, k_test: int = 256, max_words: int = 30,
                 texts += [pre_caption(c, max_words) for c in caps]
                 txt2img += [len(img2txt) - 1] * len(caps)
         if not texts:
-            raise ValueError("retrieval evaluation: the eval loader yielded no samples")
+            raise InputError("retrieval evaluation: the eval loader yielded no samples")
         image_embeds = torch.cat(embeds)
         image_feat = torch.cat(img_feats)
         enc = tok(texts, max_length=max_length, padding="max_length")

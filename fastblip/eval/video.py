@@ -21,8 +21,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fastblip.errors import InputError, MissingDependencyError, NotFoundError
 
-class VideoDecodeError(ValueError):
+
+class VideoDecodeError(InputError):
     """A video file that cannot be read."""
 
 
@@ -40,12 +42,12 @@ def load_video_frames(path: str | Path, num_frames: int = 8, image_size: int = 3
     try:
         import av
     except ImportError as e:  # pragma: no cover - av is in the `video` extra
-        raise ImportError("video decoding needs PyAV: pip install 'fastblip[video]'") from e
+        raise MissingDependencyError("video decoding needs PyAV: pip install 'fastblip[video]'") from e
     from fastblip.data.transforms import to_tensor_normalized
 
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"video not found: {p}")
+        raise NotFoundError(f"video not found: {p}")
     try:
         with av.open(str(p)) as container:
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]

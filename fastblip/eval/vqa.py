@@ -14,6 +14,8 @@ import json
 import re
 from pathlib import Path
 
+from fastblip.errors import InputError
+
 CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
     "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
@@ -82,7 +84,7 @@ def _clean(text: str) -> str:
 def question_accuracy(pred: str, human_answers: list[str]) -> float:
     """Accuracy in [0, 1] of one prediction against its (normally 10) human answers."""
     if not human_answers:
-        raise ValueError("a VQA question needs at least one human answer")
+        raise InputError("a VQA question needs at least one human answer")
     gts = [_clean(a) for a in human_answers]
     res = _clean(pred)
     if len(set(gts)) > 1:
@@ -102,10 +104,10 @@ def vqa_accuracy(results: list[dict], answers: dict[int, list[str]]) -> dict:
     for r in results:
         qid = r["question_id"]
         if qid not in answers:
-            raise ValueError(f"question_id {qid} has no ground-truth answers")
+            raise InputError(f"question_id {qid} has no ground-truth answers")
         per[qid] = 100.0 * question_accuracy(r["answer"], answers[qid])
     if not per:
-        raise ValueError("VQA accuracy of an empty result list")
+        raise InputError("VQA accuracy of an empty result list")
     return {"vqa_acc": sum(per.values()) / len(per), "num_questions": len(per), "per_question": per}
 
 
