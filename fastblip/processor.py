@@ -12,13 +12,18 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from fastblip.data.decode import DecodeError, decode_image
+from fastblip.data.decode import DecodeError, decode_image, read_regular_file
 from fastblip.data.text import pre_caption
 from fastblip.data.transforms import eval_transform
+from fastblip.errors import InputError
 
 
-class ImageReadError(ValueError):
+class ImageReadError(InputError):
     """An image path that cannot be read or decoded (one line: path and reason)."""
+
+
+_READ_REASONS = {"missing_image": "cannot be read", "not_a_file": "is not a regular file",
+                 "too_large": "is larger than the image size limit (FASTBLIP_MAX_IMAGE_BYTES)"}
 
 
 def read_image(src: str | Path | bytes | Image.Image) -> Image.Image:
@@ -29,12 +34,11 @@ def read_image(src: str | Path | bytes | Image.Image) -> Image.Image:
         data, name = bytes(src), "<bytes>"
     else:
         p = Path(src)
-        if not p.is_file():
+        if not p.exists():
             raise ImageReadError(f"image not found: {p}")
-        try:
-            data = p.read_bytes()
-        except OSError as e:
-            raise ImageReadError(f"cannot read image {p}: {e.strerror or e}") from None
+        data, problem = read_regular_file(str(p))  # a regular file, within the size limit (not /dev/zero)
+        if problem is not None:
+            raise ImageReadError(f"image {p} {_READ_REASONS.get(problem, problem)}")
         name = str(p)
     try:
         return decode_image(data)[0]
@@ -67,6 +71,13 @@ class Processor:
     def text(self, text) -> dict[str, torch.Tensor]:
         if isinstance(text, str):
             text = [text]
+        for i, t in enumerate(text):
+            if not isinstance(t, str):
+                raise InputError(f"text {i} is a {type(t).__name__}, not a string")
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8 (argv, a bad file)
+                raise InputError(f"text {i} is not valid UTF-8 (position {e.start})") from None
         cleaned = [pre_caption(t, self.max_words) for t in text]
         return self.tokenizer(cleaned, max_length=self.max_length, padding="longest", truncation=True)
 
@@ -74,7 +85,7 @@ class Processor:
         """``images``: path(s), bytes or PIL image(s); ``text``: str or list. Returns ``pixel_values``
         (B, 3, S, S) and/or ``input_ids`` / ``attention_mask`` (B, L) LongTensors."""
         if images is None and text is None:
-            raise ValueError("Processor needs images and/or text")
+            raise InputError("Processor needs images and/or text")
         out: dict[str, torch.Tensor] = {}
         if images is not None:
             out["pixel_values"] = self.images(images)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from .dataset import BlipStream, StreamConfig
+from .decode import max_image_bytes as _default_image_bytes
+from .decode import max_text_bytes as _default_text_bytes
 from .readers import parse_sources, preflight
 from .transforms import eval_transform
 
@@ -11,15 +13,19 @@ class _NoTokenizer:
     pass
 
 
-def check_sources(sources, max_words: int = 50, image_size: int = 32) -> dict:
+def check_sources(sources, max_words: int = 50, image_size: int = 32, max_image_bytes: int | None = None,
+                  max_text_bytes: int | None = None) -> dict:
     """{"ok": N, "skipped": {reason: n}, "converted": {mode: n}, "shards": n, "json_items": n}.
 
-    Raises SourceError / FileNotFoundError when nothing in the source is readable.
+    Raises SourceError / NotFoundError when nothing in the source is readable. Memory stays bounded by the
+    input limits (decode.py): an oversized member is counted as ``too_large`` without being read.
     """
     src = parse_sources(sources, flatten_json=True)
     preflight(src)
     cfg = StreamConfig(shards=src.shards, json_items=src.json_items, batch_size=1 << 30, train=False,
-                       shuffle=False, drop_last=True, max_words=max_words)  # fmt: skip
+                       shuffle=False, drop_last=True, max_words=max_words,
+                       max_image_bytes=max_image_bytes or _default_image_bytes(),
+                       max_text_bytes=max_text_bytes or _default_text_bytes())  # fmt: skip
     stream = BlipStream(cfg, eval_transform(image_size), _NoTokenizer())
     total = {"ok": 0, "skipped": {}, "converted": {}}
     # batch_size is never reached and drop_last is set, so the worker only counts: no tokenisation.

@@ -7,8 +7,10 @@ import json
 import logging
 import sys
 
+from fastblip.errors import FastblipError, InputError
+
 from .check import check_sources
-from .readers import SourceError
+from .decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_TEXT_BYTES
 from .synth import make_synthetic
 
 
@@ -33,6 +35,12 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
                                    "read at all. SOURCE: shard path/pattern/URL, or ann.json / json:ann.json::ROOT.")  # fmt: skip
     c.add_argument("sources", nargs="+", metavar="SOURCE")
     c.add_argument("--json", action="store_true", help="print the counts as JSON")
+    c.add_argument("--max-image-bytes", type=int, default=None,
+                   help=f"skip image members/files larger than this (default {DEFAULT_MAX_IMAGE_BYTES >> 20} MiB, "
+                        "or $FASTBLIP_MAX_IMAGE_BYTES)")
+    c.add_argument("--max-text-bytes", type=int, default=None,
+                   help=f"skip samples whose caption/.json member is larger (default {DEFAULT_MAX_TEXT_BYTES >> 20} "
+                        "MiB, or $FASTBLIP_MAX_TEXT_BYTES)")
     return p
 
 
@@ -42,20 +50,20 @@ def run_data(args) -> int:
         try:
             r = make_synthetic(args.out, args.num, args.noise, args.seed, image_size=args.image_size,
                                human=args.human, eval_num=args.eval_num, shard_size=args.shard_size)  # fmt: skip
-        except (ValueError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        except ValueError as e:  # make_synthetic's own argument checks (num, noise, sizes)
+            raise InputError(f"data synth: {e}") from None
+        except OSError as e:
+            raise InputError(f"data synth: cannot write {args.out} ({e.strerror or e})") from None
         if args.json:
             print(json.dumps(r))
         else:
             print(f"wrote {r['num_web']} web ({r['num_noisy']} noisy), {r.get('num_human', 0)} human, "
                   f"{r.get('num_eval', 0)} eval samples to {r['out']}")  # fmt: skip
         return 0
-    try:
-        r = check_sources(args.sources)
-    except (SourceError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    for k in ("max_image_bytes", "max_text_bytes"):
+        if getattr(args, k) is not None and getattr(args, k) < 1:
+            raise InputError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
+    r = check_sources(args.sources, max_image_bytes=args.max_image_bytes, max_text_bytes=args.max_text_bytes)
     if args.json:
         print(json.dumps(r))
     else:
@@ -67,7 +75,11 @@ def run_data(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastblip")
     add_data_parser(parser.add_subparsers(dest="cmd"))
-    return run_data(parser.parse_args(argv))
+    try:
+        return run_data(parser.parse_args(argv))
+    except FastblipError as e:  # the same one-line policy as fastblip.cli
+        print(f"fastblip data: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

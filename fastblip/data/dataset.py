@@ -26,7 +26,14 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .batch import collate
-from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
+from .decode import (
+    DEFAULT_MAX_PIXELS,
+    DecodeError,
+    decode_image,
+    max_image_bytes,
+    max_text_bytes,
+    read_regular_file,
+)
 from .readers import iter_tar, split_sample
 from .text import clean_caption_bytes, pre_caption
 
@@ -54,6 +61,10 @@ class StreamConfig:
     prompt: str = ""
     padding: str = "longest"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # input size limits (decode.py): an image file / tar member, and a caption / .json member; defaults from
+    # the process's limits (FASTBLIP_MAX_IMAGE_BYTES / FASTBLIP_MAX_TEXT_BYTES, set by the recipe)
+    max_image_bytes: int = field(default_factory=max_image_bytes)
+    max_text_bytes: int = field(default_factory=max_text_bytes)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -130,7 +141,7 @@ class UnitCursor:
             if kind == "json":
                 samples = ({"__json__": self.cfg.json_items[int(i)]} for i in what)
             else:
-                samples = iter_tar(what, self.counts)
+                samples = iter_tar(what, self.counts, self.cfg.max_image_bytes, self.cfg.max_text_bytes)
             o = 0
             for s in samples:
                 if o >= skip:
@@ -177,12 +188,10 @@ class BlipStream(IterableDataset):
             key, shard = it["key"], it["image"]
             cap = it.get("caption")
             cap_b = cap if isinstance(cap, str) else None
-            try:
-                with open(it["image"], "rb") as f:
-                    img_b = f.read()
-                problem = None
-            except OSError:
-                img_b, problem = None, "missing_image"
+            if cap_b is not None and len(cap_b) > cfg.max_text_bytes:  # chars <= UTF-8 bytes: never too strict
+                img_b, problem = None, "too_large"
+            else:  # a regular file only (not /dev/zero, not a FIFO), at most max_image_bytes
+                img_b, problem = read_regular_file(it["image"], cfg.max_image_bytes)
             meta_in, image_id = it, it["image_id"]
         else:
             key, shard = raw["__key__"], raw["__shard__"]

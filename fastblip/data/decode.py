@@ -12,14 +12,83 @@ EXIF orientation is not applied (neither the official code nor DALI's decoder ap
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from fastblip.errors import InputError
+
 # 64 MP, e.g. 8000×8000: beyond any real photo in web datasets and ~200 MB of RGB; PIL's own warning
 # threshold is 89.5 MP and its hard error 179 MP, which a worker decoding in parallel should not reach.
 DEFAULT_MAX_PIXELS = 64_000_000
+
+
+# Input size limits (issue 15: a 0.9 MB gzip shard holding three 300 MB captions took 2.7 GB of RAM, and
+# "image": "/dev/zero" in a JSON annotation read until MemoryError). Checked against the tar header's member size
+# or the file's stat *before* reading, so an oversized member is skipped without being held in memory.
+# - an image file: 64 MiB. img2dataset's web JPEGs are ~50 KB at 256-512 px; a 64 MP photo (the pixel limit
+#   above) is ~20-30 MB as JPEG, ~100 MB only as an uncompressed-like PNG, which the pixel limit refuses anyway.
+# - a caption / .json / any other member: 1 MiB. A BLIP caption is <= 30 words (~200 B); img2dataset's .json
+#   with EXIF runs to a few KB.
+# Environment overrides (FASTBLIP_MAX_IMAGE_BYTES, FASTBLIP_MAX_TEXT_BYTES) reach DataLoader workers however they
+# start; recipes set them through ``set_input_limits`` (data.max_image_bytes / data.max_text_bytes).
+IMAGE_BYTES_ENV, TEXT_BYTES_ENV = "FASTBLIP_MAX_IMAGE_BYTES", "FASTBLIP_MAX_TEXT_BYTES"
+DEFAULT_MAX_IMAGE_BYTES = 64 << 20
+DEFAULT_MAX_TEXT_BYTES = 1 << 20
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        v = int(os.environ.get(name, default))
+    except ValueError:
+        return default
+    return v if v > 0 else default
+
+
+def max_image_bytes() -> int:
+    return _env_int(IMAGE_BYTES_ENV, DEFAULT_MAX_IMAGE_BYTES)
+
+
+def max_text_bytes() -> int:
+    return _env_int(TEXT_BYTES_ENV, DEFAULT_MAX_TEXT_BYTES)
+
+
+def set_input_limits(image_bytes: int | None = None, text_bytes: int | None = None) -> None:
+    """Process-wide limits (environment variables, so spawned loader workers inherit them too)."""
+    for env, v in ((IMAGE_BYTES_ENV, image_bytes), (TEXT_BYTES_ENV, text_bytes)):
+        if v is not None:
+            if int(v) < 1:
+                raise InputError(f"{env}: a size limit must be >= 1 byte, got {v}")
+            os.environ[env] = str(int(v))
+
+
+def read_regular_file(path: str, limit: int | None = None) -> tuple[bytes | None, str | None]:
+    """(bytes, None) or (None, reason) for an image path from an annotation file: only a regular file is read
+    (a FIFO would block, /dev/zero never ends), at most ``limit`` bytes. Opened non-blocking and checked with
+    fstat on the open descriptor, so a path swapped between the check and the read cannot slip through."""
+    limit = max_image_bytes() if limit is None else limit
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None, "missing_image"
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None, "not_a_file"
+        if st.st_size > limit:
+            return None, "too_large"
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:  # grew after the stat
+            return None, "too_large"
+        return data, None
+    except OSError:
+        return None, "missing_image"
+    finally:
+        os.close(fd)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Members that are images in a format the pipeline does not take (img2dataset never writes them).
@@ -43,10 +112,12 @@ SKIP_REASONS = (
     "missing_shard",
     "truncated_tar",
     "unreadable_shard",
+    "too_large",  # a member or file over the input size limits above: skipped without being read
+    "not_a_file",  # an annotation's image path that is a device, FIFO or directory
 )
 
 
-class DecodeError(ValueError):
+class DecodeError(InputError):
     """An image that cannot be used; ``reason`` is one of SKIP_REASONS."""
 
     def __init__(self, reason: str, detail: str = ""):

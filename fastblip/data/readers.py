@@ -10,6 +10,11 @@ Source specs (``parse_sources``):
 A reader yields raw samples ``{"__key__", "__shard__", ext: bytes, ...}``; decoding happens later
 (``dataset.py``) so that a resumed run can skip samples without decoding them. Work is cut into *units*:
 one tar shard, or a slice of JSON items; units are what ranks and workers split.
+
+Input limits (decode.py): a tar member over the size limit (images: ``max_image_bytes``, captions / .json /
+anything else: ``max_text_bytes``) is skipped by its header's size, never read into memory; its sample counts
+as ``too_large``. A local shard must start with a valid tar header (or a gzip/bzip2/xz magic) to count as
+readable in the preflight, so garbage named ``.tar`` no longer passes it.
 """
 
 from __future__ import annotations
@@ -25,10 +30,20 @@ from pathlib import Path
 import webdataset as wds
 from webdataset.shardlists import expand_urls
 
-from .decode import IMAGE_EXTS, OTHER_IMAGE_EXTS
+from fastblip.errors import InputError, NotFoundError
+
+from .decode import (
+    IMAGE_EXTS,
+    OTHER_IMAGE_EXTS,
+    DecodeError,
+    max_image_bytes,
+    max_text_bytes,
+    open_image,
+    read_regular_file,
+)
 
 
-class SourceError(ValueError):
+class SourceError(InputError):
     """A data source that cannot be used at all."""
 
 
@@ -67,13 +82,18 @@ def load_json_annotations(
     """
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"annotation file not found: {p}")
+        raise NotFoundError(f"annotation file not found: {p}")
     try:
         anns = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SourceError(f"{p}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise SourceError(f"{p}: cannot read it ({e.strerror or e})") from None
     if not isinstance(anns, list) or not all(isinstance(a, dict) and "image" in a for a in anns):
         raise SourceError(f"{p}: expected a JSON list of objects with an 'image' field")
+    for i, a in enumerate(anns):
+        if not isinstance(a["image"], str) or not a["image"]:
+            raise SourceError(f"{p}: item {i}: 'image' must be a non-empty path string, got {a['image']!r}")
     root = Path(image_root) if image_root is not None else p.parent
     raw_ids = [a.get("image_id", a["image"]) for a in anns]
     use_raw = all(isinstance(x, int) and not isinstance(x, bool) for x in raw_ids)
@@ -128,8 +148,22 @@ def parse_sources(sources, flatten_json: bool = True) -> Sources:
     return out
 
 
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+
+def _tar_head(head: bytes) -> bool:
+    """Whether 512 bytes are a tar header: its checksum matches (what tarfile itself checks first)."""
+    try:
+        tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    return True
+
+
 def shard_problem(url: str) -> str | None:
-    """For local shards: 'missing_shard' / 'unreadable_shard' when it cannot be a tar; None when fine."""
+    """For local shards: 'missing_shard' / 'unreadable_shard' when it cannot be a tar; None when fine.
+    Readable = a regular file starting with a valid tar header, or with gzip/bzip2/xz magic (a gzip's first
+    block is decompressed and checked too: garbage behind a gzip magic is unreadable)."""
     if not _is_local(url):
         return None
     p = Path(url.removeprefix("file:"))
@@ -137,10 +171,17 @@ def shard_problem(url: str) -> str | None:
         return "missing_shard"
     try:
         with open(p, "rb") as f:
-            head = f.read(512)
+            head = f.read(64 << 10)
     except OSError:
         return "unreadable_shard"
-    if len(head) < 512:
+    if head.startswith(b"\x1f\x8b"):
+        try:  # the first 512 decompressed bytes, at most 64 KiB read: bounded whatever the ratio
+            head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, 512)
+        except zlib.error:
+            return "unreadable_shard"
+    elif head.startswith(_COMPRESSED_MAGIC):
+        return None
+    if len(head) < 512 or not _tar_head(head[:512]):
         return "unreadable_shard"
     return None
 
@@ -151,15 +192,33 @@ def preflight(src: Sources) -> dict:
     readable_shards = [u for u in src.shards if u not in problems]
     json_ok = 0
     for js in src.json:
-        # A handful of images tells a wrong image_root apart from a few missing files.
+        # A handful of images tells a wrong image_root apart from a few missing files; their headers (format,
+        # size: no pixels decoded) tell images from garbage.
         probe = js.items[:: max(1, len(js.items) // 16)][:16]
-        json_ok += sum(os.path.isfile(it["image"]) for it in probe)
+        json_ok += sum(_probe_image(it["image"]) for it in probe)
     if not readable_shards and not json_ok:
         what = [f"{u} ({r})" for u, r in list(problems.items())[:3]] + [
-            f"{js.path} (no image found under {js.image_root})" for js in src.json
+            f"{js.path} (no image found under {js.image_root}: the probed ones are missing or not images)" for js in src.json
         ]
         raise SourceError("nothing readable in the data source: " + "; ".join(what))
     return {"missing_or_unreadable_shards": problems}
+
+
+def _probe_image(path: str) -> bool:
+    data, problem = read_regular_file(path)
+    if problem is not None:
+        return False
+    try:
+        open_image(data)
+    except DecodeError:
+        return False
+    return True
+
+
+def member_limit(ext: str, image_limit: int, text_limit: int) -> int:
+    """The size limit of a tar member by its extension (the part after the key's first dot)."""
+    last = ext.rpartition(".")[2]
+    return image_limit if (last in IMAGE_EXTS or last in OTHER_IMAGE_EXTS) else text_limit
 
 
 def _split_key(name: str) -> tuple[str, str]:
@@ -169,8 +228,12 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{d}/{stem}" if d else stem), ext.lower()
 
 
-def iter_tar(url: str, counts: dict) -> Iterator[dict]:
-    """Samples of one shard, members grouped by key. Problems are counted in ``counts`` (reason → n)."""
+def iter_tar(url: str, counts: dict, max_image_bytes_: int | None = None,
+             max_text_bytes_: int | None = None) -> Iterator[dict]:
+    """Samples of one shard, members grouped by key. Problems are counted in ``counts`` (reason → n). A member
+    over its size limit is not read: its sample carries ``__too_large__`` (``split_sample`` reports it)."""
+    img_lim = max_image_bytes() if max_image_bytes_ is None else max_image_bytes_
+    txt_lim = max_text_bytes() if max_text_bytes_ is None else max_text_bytes_
     problem = shard_problem(url)
     if problem:
         counts[problem] = counts.get(problem, 0) + 1
@@ -194,15 +257,20 @@ def iter_tar(url: str, counts: dict) -> Iterator[dict]:
                 if key.startswith("__") or not ext:
                     continue
                 reading = key
-                data = tf.extractfile(info).read()
-                if len(data) != info.size:
-                    raise EOFError("member cut off")
+                too_large = info.size > member_limit(ext, img_lim, txt_lim)
+                if not too_large:  # an oversized member's bytes are skipped by the stream, never held
+                    data = tf.extractfile(info).read()
+                    if len(data) != info.size:
+                        raise EOFError("member cut off")
                 if current is not None and current["__key__"] != key:
                     yield current
                     current = None
                 if current is None:
                     current = {"__key__": key, "__shard__": url}
-                current[ext] = data
+                if too_large:
+                    current["__too_large__"] = f"{ext} member of {info.size} bytes"
+                else:
+                    current[ext] = data
                 tf.members = []  # streaming: do not keep every TarInfo of a 10k-sample shard
     except (tarfile.TarError, EOFError, OSError, zlib.error):
         reason = "truncated_tar" if n_members else "unreadable_shard"
@@ -219,6 +287,8 @@ def iter_tar(url: str, counts: dict) -> Iterator[dict]:
 
 def split_sample(sample: dict) -> tuple[bytes | None, str | None, bytes | None, dict, str | None]:
     """(image bytes, image ext, caption bytes, json meta, problem) of a raw tar sample."""
+    if "__too_large__" in sample:
+        return None, None, None, {}, "too_large"
     meta: dict = {}
     if "json" in sample:
         try:
