@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from fastblip.checkpoints.io import (
     CheckpointDownloadError,
     CheckpointError,
     CheckpointNotFoundError,
+    config_from_dict,
     download,
     is_fastblip_dir,
     is_remote,
@@ -32,8 +34,10 @@ from fastblip.checkpoints.io import (
     read_fastblip_config,
     read_tensor_file,
     save_fastblip_dir,
+    write_dir_atomic,
 )
-from fastblip.config import ModelConfig
+from fastblip.config import ModelConfig, check_device
+from fastblip.errors import ConfigError
 
 __all__ = ["load", "save", "convert", "CheckpointError", "CheckpointNotFoundError", "CheckpointDownloadError"]
 
@@ -41,11 +45,15 @@ log = logging.getLogger("fastblip")
 FORMATS = ("fastblip", "official", "hf")
 
 
-def _build(cfg: ModelConfig, image_size: int | None, dtype: torch.dtype | None):
+def _build(cfg: ModelConfig, image_size: int | None, dtype: torch.dtype | None, source: str = "checkpoint"):
     from fastblip.models.blip import build_model
 
     if image_size is not None:
         cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=int(image_size)))
+    try:  # sizes checked before anything is allocated (a config asking for 200 TB is one line, not an OOM)
+        cfg.validate(source if image_size is None else f"{source} at image size {image_size}")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
     model = build_model(cfg)
     if dtype is not None:
         model.to(dtype)
@@ -62,12 +70,18 @@ def _float_dtype(sd: dict) -> torch.dtype | None:
 def _from_official_obj(obj, source: str, image_size, dtype, kind: str | None):
     sd, cfg_dict = official.split_official(obj, source)
     if cfg_dict is not None:
-        cfg = ModelConfig.from_dict(cfg_dict)
+        cfg = config_from_dict(cfg_dict, f"{source} ('{official.CONFIG_KEY}')")
     else:
-        cfg = official.infer_config(sd, kind or official.infer_kind(sd.keys()))
+        try:
+            cfg = official.infer_config(sd, kind or official.infer_kind(sd.keys()))
+        except (AttributeError, IndexError, TypeError, ValueError, ZeroDivisionError) as e:
+            if isinstance(e, CheckpointError):
+                raise CheckpointError(f"{source}: {e}") from None
+            raise CheckpointError(f"{source}: cannot infer the model config from the tensors' shapes "
+                                  f"({type(e).__name__}: {e})") from None
     if kind is not None:
         cfg.kind = kind
-    model = _build(cfg, image_size, dtype)
+    model = _build(cfg, image_size, dtype, source)
     report = load_strict(model, official.from_official(sd), source)
     return model, report
 
@@ -77,10 +91,11 @@ def _is_trainer_checkpoint(obj) -> bool:
 
 
 def _from_trainer_obj(obj: dict, source: str, image_size, dtype, kind: str | None):
-    cfg = ModelConfig.from_dict(dict(obj["fingerprint"]["model"]))  # the run's config minus backend choices
+    fp = obj["fingerprint"]
+    cfg = config_from_dict(fp.get("model") if isinstance(fp, dict) else fp, source)  # minus backend choices
     if kind is not None:
         cfg.kind = kind
-    model = _build(cfg, image_size, dtype)
+    model = _build(cfg, image_size, dtype, source)
     return model, load_strict(model, obj["model"], source)
 
 
@@ -95,6 +110,8 @@ def load(path: str | Path, *, image_size: int | None = None, device: str | torch
 
     src = str(path)
     tok_dir = None
+    if device is not None:
+        check_device(device)  # before reading gigabytes: `device="cuda"` without a GPU is one line
     if is_remote(src):
         model, report = _from_official_obj(download(src), src, image_size, dtype, kind)
     else:
@@ -107,7 +124,7 @@ def load(path: str | Path, *, image_size: int | None = None, device: str | torch
             if kind is not None:
                 cfg.kind = kind
             sd = read_tensor_file(p / "model.safetensors")
-            model = _build(cfg, image_size, dtype or _float_dtype(sd))
+            model = _build(cfg, image_size, dtype or _float_dtype(sd), str(p))
             report = load_strict(model, sd, str(p))
             tok_dir = p
         elif p.is_dir() and (p / "config.json").is_file():
@@ -117,7 +134,7 @@ def load(path: str | Path, *, image_size: int | None = None, device: str | torch
             sd = hf.read_hf_weights(p)
             if cfg.kind == "itm" and "temp" not in sd:  # HF has no ITC temperature: the official init value
                 sd["temp"] = torch.tensor(cfg.temp)
-            model = _build(cfg, image_size, dtype)
+            model = _build(cfg, image_size, dtype, str(p / "config.json"))
             report = load_strict(model, sd, str(p))
             tok_dir = p
         elif p.is_dir():
@@ -144,18 +161,25 @@ def save(model, path: str | Path, format: str = "fastblip") -> Path:
     if format == "fastblip":
         return save_fastblip_dir(model, p)
     if format == "official":
+        if p.is_dir():
+            raise CheckpointError(f"{p}: is a directory; an official checkpoint is one .pth file")
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        torch.save(official.to_official(model), tmp)
-        tmp.replace(p)
+        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+        try:
+            torch.save(official.to_official(model), tmp)
+            tmp.replace(p)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return p
     if format == "hf":
-        return hf.save_hf_dir(model, p)
-    raise ValueError(f"unknown checkpoint format '{format}' (valid: {', '.join(FORMATS)})")
+        hf.hf_config_dict(model)  # a kind HF has no class for: refused before anything is written
+        return write_dir_atomic(p, lambda tmp: hf.save_hf_dir(model, tmp))
+    raise ConfigError(f"unknown checkpoint format '{format}' (valid: {', '.join(FORMATS)})")
 
 
 def convert(src: str | Path, dst: str | Path, to: str = "fastblip", **load_kw) -> Path:
     """``fastblip convert SRC DST --to FORMAT``: load anything ``load`` reads, write it as ``to``."""
     if to not in FORMATS:
-        raise ValueError(f"unknown checkpoint format '{to}' (valid: {', '.join(FORMATS)})")
+        raise ConfigError(f"unknown checkpoint format '{to}' (valid: {', '.join(FORMATS)})")
     return save(load(src, **load_kw), dst, format=to)

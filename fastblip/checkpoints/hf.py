@@ -50,12 +50,23 @@ _HF_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                   image_size=384, patch_size=16, hidden_act="gelu", layer_norm_eps=1e-5, attention_dropout=0.0)
 
 
+def _read_config_json(path: Path) -> dict:
+    p = path / "config.json"
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p}: unreadable ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{p}: expected a JSON object (an HF model config), got a {type(d).__name__}")
+    return d
+
+
 def is_hf_dir(path: Path) -> bool:
     if not (path.is_dir() and (path / "config.json").is_file()):
         return False
     try:
-        return json.loads((path / "config.json").read_text()).get("model_type") == "blip"
-    except (OSError, json.JSONDecodeError):
+        return _read_config_json(path).get("model_type") == "blip"
+    except CheckpointError:
         return False
 
 
@@ -73,20 +84,30 @@ def ours_to_hf(key: str) -> str:
 
 
 def read_hf_config(path: Path) -> tuple[ModelConfig, dict]:
-    d = json.loads((path / "config.json").read_text())
+    d = _read_config_json(path)
     archs = d.get("architectures") or []
-    arch = archs[0] if archs else None
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
     if arch == "BlipModel" or arch not in ARCH_KIND:
         raise CheckpointError(
             f"{path}: HF architecture {arch!r} is not supported; fastblip loads BlipForConditionalGeneration, "
             "BlipForImageTextRetrieval and BlipForQuestionAnswering (HF's CLIP-style BlipModel matches no "
             "released BLIP weights)")
+    for sec in ("text_config", "vision_config"):
+        if not isinstance(d.get(sec) or {}, dict):
+            raise CheckpointError(f"{path / 'config.json'}: '{sec}' is not a JSON object")
     t = {**_HF_TEXT, **(d.get("text_config") or {})}
     v = {**_HF_VISION, **(d.get("vision_config") or {})}
     if v["hidden_act"] != "gelu":
         raise CheckpointError(f"{path}: vision hidden_act {v['hidden_act']!r} unsupported (BLIP's ViT uses gelu)")
     if v["attention_dropout"]:
         log.warning("%s: vision attention_dropout %s ignored (BLIP's ViT has none)", path, v["attention_dropout"])
+    try:
+        return _hf_model_config(d, t, v, arch)
+    except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError) as e:  # a value of the wrong type
+        raise CheckpointError(f"{path / 'config.json'}: unusable value ({type(e).__name__}: {e})") from None
+
+
+def _hf_model_config(d: dict, t: dict, v: dict, arch: str) -> tuple[ModelConfig, dict]:
     img = v["image_size"] if isinstance(v["image_size"], int) else v["image_size"][0]
     patch = v["patch_size"] if isinstance(v["patch_size"], int) else v["patch_size"][0]
     vision = VisionConfig(image_size=img, patch_size=patch, width=v["hidden_size"], depth=v["num_hidden_layers"],
@@ -108,9 +129,15 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     if (path / "model.safetensors").is_file():
         raw = read_tensor_file(path / "model.safetensors")
     elif (path / "model.safetensors.index.json").is_file():
-        index = json.loads((path / "model.safetensors.index.json").read_text())
+        try:
+            index = json.loads((path / "model.safetensors.index.json").read_text())
+            shards = sorted(set(index["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{path / 'model.safetensors.index.json'}: unusable ({e})") from None
         raw = {}
-        for shard in sorted(set(index["weight_map"].values())):
+        for shard in shards:
+            if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard.startswith("."):
+                raise CheckpointError(f"{path}: weight shard name {shard!r} is not a file in that directory")
             raw.update(read_tensor_file(path / shard))
     elif (path / "pytorch_model.bin").is_file():
         raw = read_tensor_file(path / "pytorch_model.bin")
@@ -153,6 +180,7 @@ _NOT_IN_HF = ("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_pr
 
 
 def save_hf_dir(model, path: Path) -> Path:
+    """Write the HF directory into ``path`` as is (``fastblip.save`` gives a temp directory it then renames)."""
     from safetensors.torch import save_file
 
     conf = hf_config_dict(model)

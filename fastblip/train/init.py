@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from fastblip.checkpoints.io import read_tensor_file
+from fastblip.checkpoints.io import CheckpointNotFoundError, check_finite, read_tensor_file
 from fastblip.train.recipe import Recipe
 
 log = logging.getLogger("fastblip.train")
@@ -22,12 +22,17 @@ log = logging.getLogger("fastblip.train")
 def _read_state(path: str) -> dict:
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"model.init_from: checkpoint not found: {p}")
-    if p.is_file() and p.suffix in (".pth", ".pt", ".bin"):
+        raise CheckpointNotFoundError(f"model.init_from: checkpoint not found: {p}")
+    if p.is_file() and p.suffix in (".pth", ".pt", ".bin", ".safetensors"):
         # weights_only=True, as fastblip.load: a checkpoint passed as init_from cannot run code
         sd = read_tensor_file(p)
         if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
             sd = sd["model"]
+        if not isinstance(sd, dict):
+            from fastblip.errors import CheckpointError
+
+            raise CheckpointError(f"model.init_from {p}: expected a state dict, got a {type(sd).__name__}")
+        check_finite(sd, f"model.init_from {p}")  # a NaN would train silently into a NaN model
         return sd
     import fastblip  # a fastblip directory, an HF directory, ...: the strict loader reads the layout
 
