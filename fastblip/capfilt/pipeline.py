@@ -18,8 +18,16 @@ synthetic): list both under ``data.train`` of a pretraining recipe (see recipes/
 
 Determinism: batches never span shards, and every sampled token is drawn from a counter-based uniform whose
 seed is a hash of (run seed, shard name, key, sample index), so a shard's output does not depend on the
-batch size, on which rank took it, or on a restart. Ranks (torchrun) take shards i ≡ rank (mod world); a
-rerun skips shards whose manifest exists.
+batch size, on which rank took it, or on a restart. Ranks (torchrun) take shards i ≡ rank (mod world).
+
+Resume by skip, keyed by the settings (issue 15): ``capfilt.json`` in the output holds the fingerprint of every
+setting that changes a shard's output (``SETTINGS``); each shard manifest (the done marker) carries it too. A
+rerun with the same settings skips shards whose manifest has it; a rerun with other settings is refused in one
+line naming the first difference (``--overwrite`` redoes every shard instead). A shard that is missing or
+unreadable as a whole gets no output and no done marker: it is listed in ``missing_shards`` and processed by
+the rerun that finds it (a truncated shard is processed as far as it reads, its cut counted). An output
+directory is owned by one run at a time (``fastblip/train/rundir.py``'s lock); a killed run's temp files are
+removed by the next start.
 
 Legend: B images in a batch, K captions per image, R = B·(1+K) texts scored, N image tokens.
 """
@@ -40,9 +48,19 @@ from pathlib import Path
 import torch
 
 from fastblip.capfilt.recipe import CapfiltRecipe
+from fastblip.errors import ConfigError, InputError
+from fastblip.train import rundir
 
 log = logging.getLogger("fastblip.capfilt")
 CRASH_ENV = "FASTBLIP_CAPFILT_CRASH_AFTER"  # "RANK:N": that rank dies after N shards (resume tests)
+SETTINGS_NAME = "capfilt.json"
+# recipe keys that change what a shard's output holds (not batch_size, num_workers, compile, device, progress:
+# the output does not depend on them, see Determinism); dtype enters resolved (auto -> bf16 on CUDA, fp32 on CPU)
+SETTINGS = ("captioner", "filter", "num_captions", "method", "top_p", "top_k", "repetition_penalty", "num_beams",
+            "max_length", "min_length", "prompt", "threshold", "keep_web", "seed", "image_size", "max_words",
+            "text_max_length", "max_image_bytes", "max_text_bytes")
+WHOLE_SHARD_PROBLEMS = ("missing_shard", "unreadable_shard")  # nothing of the shard was read
+STALE_GLOBS = ("*.tmp[0-9]*", ".*.tmp-*")  # _atomic_write's and rundir.atomic_write_text's temp names
 
 
 # ----------------------------------------------------------------------------- seeds and files
@@ -82,14 +100,46 @@ def shard_name(url: str) -> str:
 def expand_input(spec: str) -> list[str]:
     from fastblip.data.readers import parse_sources
 
-    urls = parse_sources(spec).shards
+    try:
+        urls = parse_sources(spec).shards
+    except ValueError as e:  # webdataset's brace expansion on a malformed pattern
+        raise ConfigError(f"capfilt input {spec!r}: {e}") from None
     if not urls:
-        raise ValueError(f"capfilt input {spec!r} names no tar shards")
+        raise ConfigError(f"capfilt input {spec!r} names no tar shards")
     names = [shard_name(u) for u in urls]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
-        raise ValueError(f"capfilt input: shard names must be unique (outputs are named after them): {sorted(dup)[:3]}")
+        raise ConfigError(f"capfilt input: shard names must be unique (outputs are named after them): "
+                          f"{sorted(dup)[:3]}")
     return urls
+
+
+def check_inputs(urls: list[str]) -> dict[str, str]:
+    """Before any model is loaded: the local input shards that are missing or unreadable ({url: reason});
+    all of them (and none remote) is an error (a brace pattern that matches nothing, a wrong directory)."""
+    from fastblip.data.readers import shard_problem
+
+    problems = {u: r for u in urls if (r := shard_problem(u))}
+    if problems and len(problems) == len(urls):
+        shown = ", ".join(f"{u} ({r})" for u, r in list(problems.items())[:3])
+        raise InputError(f"capfilt input: none of the {len(urls)} input shards can be read: {shown}"
+                         f"{', ...' if len(urls) > 3 else ''}")
+    if problems:
+        log.warning("capfilt: %d of %d input shards missing or unreadable (not marked done; a rerun processes them "
+                    "once they are there): %s", len(problems), len(urls), ", ".join(list(problems)[:5]))
+    return problems
+
+
+def settings(recipe: CapfiltRecipe, device: torch.device | None = None) -> dict:
+    """The settings that produce a shard's output (``SETTINGS``), checkpoint paths made absolute."""
+    out = {k: getattr(recipe, k) for k in SETTINGS}
+    for k in ("captioner", "filter"):
+        if out[k] and "://" not in out[k] and os.path.exists(out[k]):
+            out[k] = os.path.abspath(out[k])
+    dev = torch.device(device) if device is not None else None
+    out["dtype"] = "bf16" if recipe.dtype == "bf16" or (recipe.dtype == "auto" and dev is not None and
+                                                        dev.type == "cuda") else "fp32"
+    return out
 
 
 # ----------------------------------------------------------------------------- reading
@@ -112,14 +162,16 @@ class ShardInput:
     missing_text: int = 0
 
 
-def read_shard(url: str, transform, max_words: int, pool: ThreadPoolExecutor) -> ShardInput:
-    """Raw samples through fastblip.data's reader, decoded on ``pool``; bad samples counted by reason."""
+def read_shard(url: str, transform, max_words: int, pool: ThreadPoolExecutor, max_image_bytes: int | None = None,
+               max_text_bytes: int | None = None) -> ShardInput:
+    """Raw samples through fastblip.data's reader, decoded on ``pool``; bad samples counted by reason; members
+    over the size limits are skipped unread (``too_large``)."""
     from fastblip.data.decode import DecodeError, decode_image
     from fastblip.data.readers import iter_tar, split_sample
     from fastblip.data.text import clean_caption_bytes, pre_caption
 
     out = ShardInput(url)
-    raws = list(iter_tar(url, out.skipped))
+    raws = list(iter_tar(url, out.skipped, max_image_bytes_=max_image_bytes, max_text_bytes_=max_text_bytes))
 
     def one(raw: dict):
         img_b, _, cap_b, meta, problem = split_sample(raw)
@@ -219,10 +271,16 @@ def _image_id(it: Item) -> int:
     return iid if isinstance(iid, int) and not isinstance(iid, bool) else key_image_id(it.key)
 
 
-def process_shard(engine: CapFilt, shard_in: ShardInput, out_dir: Path, crash_now: bool = False) -> dict:
-    """Caption, score and write one shard; returns its manifest line."""
+def process_shard(engine: CapFilt, shard_in: ShardInput, out_dir: Path, crash_now: bool = False,
+                  fingerprint: str | None = None) -> dict:
+    """Caption, score and write one shard; returns its manifest line. A shard that could not be read at all
+    writes nothing (no done marker): its manifest line says ``missing`` and a rerun processes it."""
     r = engine.r
     name = shard_name(shard_in.url)
+    whole = [p for p in WHOLE_SHARD_PROBLEMS if shard_in.skipped.get(p)]
+    if whole and not shard_in.items:
+        log.warning("capfilt: %s is %s: nothing written, not marked done", shard_in.url, whole[0])
+        return {"shard": name, "input": shard_in.url, "missing": whole[0], "images": 0}
     t0 = time.perf_counter()
     members: list[tuple[str, bytes]] = []
     score_lines: list[str] = []
@@ -249,7 +307,7 @@ def process_shard(engine: CapFilt, shard_in: ShardInput, out_dir: Path, crash_no
     secs = time.perf_counter() - t0
     manifest = {"shard": name, "input": shard_in.url, "images": len(items), "pairs": len(members) // 3,
                 "skipped": dict(sorted(shard_in.skipped.items())), "web_missing": shard_in.missing_text,
-                **counts}
+                **counts, "fingerprint": fingerprint}
     tar_path = out_dir / f"{name}.tar"
     if crash_now:  # test hook: die with the shard half-written (a temp file left behind, nothing renamed)
         (out_dir / f"{name}.tar.tmp{os.getpid()}").write_bytes(_tar_bytes(members)[:1024])
@@ -261,9 +319,67 @@ def process_shard(engine: CapFilt, shard_in: ShardInput, out_dir: Path, crash_no
     return manifest
 
 
-def is_done(out_dir: Path, url: str) -> bool:
+def is_done(out_dir: Path, url: str, fingerprint: str | None = None) -> bool:
+    """The shard's done marker exists with its outputs and (when given) was written under ``fingerprint``."""
     name = shard_name(url)
-    return (out_dir / f"{name}.manifest.json").is_file() and (out_dir / f"{name}.tar").is_file()
+    man = out_dir / f"{name}.manifest.json"
+    if not (man.is_file() and (out_dir / f"{name}.tar").is_file() and (out_dir / f"{name}.scores.jsonl").is_file()):
+        return False
+    if fingerprint is None:
+        return True
+    try:
+        return json.loads(man.read_text()).get("fingerprint") == fingerprint
+    except (OSError, ValueError):
+        return False
+
+
+def _open_output(out_dir: Path, urls: list[str], current: dict, overwrite: bool) -> rundir.RunLock:
+    """Rank 0: lock the output, remove a killed run's temp files, check or write the settings (``capfilt.json``);
+    a directory holding another settings' results refuses (or, ``overwrite``, has them removed)."""
+    lock = rundir.acquire_lock(out_dir, "capfilt", "capfilt output")
+    try:
+        rundir.remove_stale(out_dir, STALE_GLOBS)
+        path = out_dir / SETTINGS_NAME
+        fp = rundir.fingerprint_hash(current)
+        try:
+            saved = json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, ValueError):
+            saved = {}
+        ours = [p for u in urls for p in out_dir.glob(f"{shard_name(u)}.*")] + \
+            [out_dir / n for n in ("manifest.jsonl", "totals.json") if (out_dir / n).exists()]
+        legacy = saved is None and any(p.name.endswith(".manifest.json") for p in ours)
+        differs = saved is not None and (not isinstance(saved, dict) or saved.get("fingerprint") != fp)
+        if (differs or legacy) and not overwrite:
+            if legacy:
+                why = f"results of unknown settings (no {SETTINGS_NAME}: written by an older fastblip)"
+            else:
+                diff = rundir.first_diff((saved or {}).get("settings", {}) if isinstance(saved, dict) else {},
+                                         current, SETTINGS_NAME)
+                why = f"results of other settings ({diff or 'fingerprint differs'})"
+            raise rundir.RunMismatchError(f"capfilt output {out_dir} holds {why}: use another output=..., or "
+                                          "--overwrite to redo every shard with these settings")
+        if overwrite and (differs or legacy or saved is not None):
+            for p in ours + [path]:
+                p.unlink(missing_ok=True)
+            if ours:
+                log.warning("capfilt --overwrite: removed %d output files of the previous run in %s", len(ours),
+                            out_dir)
+            saved = None
+        if saved is None:
+            rundir.atomic_write_text(path, json.dumps({"fingerprint": fp, "settings": current}, indent=1,
+                                                      sort_keys=True))
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def open_output(recipe: CapfiltRecipe, urls: list[str], *, rank: int = 0, world_size: int = 1,
+                device: torch.device | str | None = None, overwrite: bool = False) -> rundir.RunLock | None:
+    """Own ``recipe.output`` for this run (rank 0 holds the lock; every rank gets rank 0's error, if any)."""
+    out_dir = Path(recipe.output)
+    current = settings(recipe, torch.device(device) if device not in (None, "auto") else None)
+    return rundir.on_rank0(lambda: _open_output(out_dir, urls, current, overwrite))[0]
 
 
 # ----------------------------------------------------------------------------- the run
@@ -284,7 +400,7 @@ def collect(out_dir: Path, urls: list[str]) -> dict:
                          "missing_shards": []}
     for u in urls:
         p = out_dir / f"{shard_name(u)}.manifest.json"
-        if not p.is_file():
+        if not is_done(out_dir, u):  # no done marker, or half its outputs: not done
             totals["missing_shards"].append(shard_name(u))
             continue
         m = json.loads(p.read_text())
@@ -303,17 +419,35 @@ def collect(out_dir: Path, urls: list[str]) -> dict:
 
 
 def run_capfilt(recipe: CapfiltRecipe, *, captioner=None, filter_model=None, rank: int = 0, world_size: int = 1,
-                device: torch.device | str | None = None) -> dict:
+                device: torch.device | str | None = None, overwrite: bool = False, owned: bool = False) -> dict:
     """Process this rank's unfinished shards. Models are loaded from the recipe's paths unless given.
-    Returns this rank's {"shards", "images", "seconds", "images_per_sec", "skipped_done"}."""
-    from fastblip.data.transforms import eval_transform
+    ``owned``: the caller already holds the output (``open_output``, as the CLI does); else this call takes it
+    and lets go at the end. Returns this rank's {"shards", "images", "seconds", "images_per_sec",
+    "skipped_done", "missing"}."""
+    from fastblip.config import check_device
 
     urls = expand_input(recipe.input)
-    out_dir = Path(recipe.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if device is None or device == "auto":
         device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    check_device(device)
     device = torch.device(device)
+    if not owned:  # the owner (the CLI) checked before taking the output
+        check_inputs(urls)
+    lock = None if owned else open_output(recipe, urls, rank=rank, world_size=world_size, device=device,
+                                          overwrite=overwrite)
+    try:
+        return _run(recipe, urls, captioner, filter_model, rank, world_size, device)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(recipe: CapfiltRecipe, urls: list[str], captioner, filter_model, rank: int, world_size: int,
+         device: torch.device) -> dict:
+    from fastblip.data.transforms import eval_transform
+
+    out_dir = Path(recipe.output)
+    fp = rundir.fingerprint_hash(settings(recipe, device))
     if captioner is None or filter_model is None:
         import fastblip
 
@@ -323,7 +457,7 @@ def run_capfilt(recipe: CapfiltRecipe, *, captioner=None, filter_model=None, ran
                                         fastblip.load(recipe.filter, image_size=recipe.image_size, device=device))
     engine = CapFilt(captioner, filter_model, recipe, device)
     mine = [u for i, u in enumerate(urls) if i % world_size == rank]
-    todo = [u for u in mine if not is_done(out_dir, u)]
+    todo = [u for u in mine if not is_done(out_dir, u, fp)]
     crash_after = _crash_after(rank)
     log.info("capfilt rank %d/%d: %d shards, %d already done, %d to do", rank, world_size, len(mine),
              len(mine) - len(todo), len(todo))
@@ -333,14 +467,20 @@ def run_capfilt(recipe: CapfiltRecipe, *, captioner=None, filter_model=None, ran
 
         bar = tqdm(total=len(todo), unit="shard", desc="capfilt", dynamic_ncols=True)
     tf = eval_transform(recipe.image_size)
-    n_img, n_done, t0 = 0, 0, time.perf_counter()
+    lim = (recipe.max_image_bytes, recipe.max_text_bytes)
+    n_img, n_done, t0, missing = 0, 0, time.perf_counter(), []
     with ThreadPoolExecutor(max(1, recipe.num_workers)) as pool, ThreadPoolExecutor(1) as prefetch:
-        nxt = prefetch.submit(read_shard, todo[0], tf, recipe.max_words, pool) if todo else None
+        nxt = prefetch.submit(read_shard, todo[0], tf, recipe.max_words, pool, *lim) if todo else None
         for i, _url in enumerate(todo):
             shard_in = nxt.result()
             # decode the next shard while this one runs on the accelerator
-            nxt = prefetch.submit(read_shard, todo[i + 1], tf, recipe.max_words, pool) if i + 1 < len(todo) else None
-            m = process_shard(engine, shard_in, out_dir, crash_now=crash_after is not None and n_done >= crash_after)
+            nxt = prefetch.submit(read_shard, todo[i + 1], tf, recipe.max_words, pool, *lim) \
+                if i + 1 < len(todo) else None
+            m = process_shard(engine, shard_in, out_dir, crash_now=crash_after is not None and n_done >= crash_after,
+                              fingerprint=fp)
+            if "missing" in m:
+                missing.append(m["shard"])
+                continue
             n_img += m["images"]
             n_done += 1
             if bar is not None:
@@ -351,4 +491,4 @@ def run_capfilt(recipe: CapfiltRecipe, *, captioner=None, filter_model=None, ran
         bar.close()
     secs = time.perf_counter() - t0
     return {"shards": n_done, "images": n_img, "seconds": secs, "images_per_sec": n_img / secs if secs else 0.0,
-            "skipped_done": len(mine) - len(todo)}
+            "skipped_done": len(mine) - len(todo), "missing": missing}

@@ -37,6 +37,8 @@ class CapfiltRecipe:
     dtype: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"  # auto = cuda:LOCAL_RANK when available, else cpu
     progress: bool = True  # tqdm bar with images/sec on rank 0
+    max_image_bytes: int = 64 << 20  # input limits (fastblip/data/decode.py): larger members are skipped unread
+    max_text_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -45,6 +47,12 @@ class CapfiltRecipe:
             raise ConfigError(f"recipe key 'dtype': {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.num_captions < 0 or self.batch_size < 1 or self.image_size < 1:
             raise ConfigError("recipe keys 'num_captions' >= 0, 'batch_size' >= 1 and 'image_size' >= 1 required")
+        for k in ("num_beams", "max_length", "max_words", "text_max_length", "max_image_bytes", "max_text_bytes"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"recipe key '{k}' must be >= 1, got {getattr(self, k)}")
+        if self.min_length < 0 or self.min_length > self.max_length or self.top_k < 0 or self.num_workers < 0:
+            raise ConfigError("recipe keys 'min_length' in [0, max_length], 'top_k' >= 0 and 'num_workers' >= 0 "
+                              f"required, got {self.min_length}, {self.top_k}, {self.num_workers}")
         if not 0.0 <= self.threshold <= 1.0 or not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"recipe keys 'threshold' in [0, 1] and 'top_p' in (0, 1] required, got "
                               f"{self.threshold}, {self.top_p}")

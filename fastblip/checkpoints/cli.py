@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from fastblip.errors import InputError, UsageError
+
 # generation options `caption` takes as key=value, with their types (generation.generate_ids' arguments)
 CAPTION_KEYS = {"method": str, "num_beams": int, "max_length": int, "min_length": int, "top_p": float,
                 "top_k": int, "temperature": float, "repetition_penalty": float, "prompt": str,
@@ -46,6 +48,18 @@ def add_parsers(sub) -> None:
     p.add_argument("--json", action="store_true", help="print {'src', 'dst', 'format', 'kind'} as JSON")
     p.set_defaults(func=run_convert)
 
+    p = sub.add_parser("migrate", help="rewrite an old training checkpoint (numpy inside) as a weights_only-safe "
+                                       "one; unpickles it: only for files you trust",
+                       description="Training checkpoints written before they were weights_only-safe hold numpy "
+                                   "arrays, which fastblip refuses to unpickle (unpickling runs code). This verb "
+                                   "loads FILE with torch.load(weights_only=False) and writes it back as tensors; "
+                                   "run it only on a file you trust (you wrote it).")
+    p.add_argument("src", metavar="FILE")
+    p.add_argument("dst", metavar="DST", nargs="?", help="output file (default: replace FILE)")
+    p.add_argument("--i-trust-this-file", dest="trust", action="store_true", required=True,
+                   help="required: FILE is unpickled, which executes any code it carries")
+    p.set_defaults(func=run_migrate)
+
 
 def _common(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--checkpoint", required=required, metavar="PATH",
@@ -67,46 +81,45 @@ def _load(args):
     import torch
 
     import fastblip
+    from fastblip.config import check_device
 
+    check_device(args.device)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return fastblip.load(args.checkpoint, image_size=args.image_size, device=device)
 
 
 def _parse_caption_opts(items: list[str]) -> dict:
-    from fastblip.cli import UserError
     from fastblip.config import parse_overrides
 
     opts = parse_overrides(items)
     out = {}
     for k, v in opts.items():
         if k not in CAPTION_KEYS:
-            raise UserError(f"unknown caption option '{k}' (valid: {', '.join(CAPTION_KEYS)})")
+            raise UsageError(f"unknown caption option '{k}' (valid: {', '.join(CAPTION_KEYS)})")
         try:
             out[k] = CAPTION_KEYS[k](v)
         except (TypeError, ValueError):
-            raise UserError(f"caption option '{k}': cannot read {v!r} as {CAPTION_KEYS[k].__name__}") from None
+            raise UsageError(f"caption option '{k}': cannot read {v!r} as {CAPTION_KEYS[k].__name__}") from None
     return out
 
 
 def _reparse_caption(args) -> None:
-    from fastblip.cli import UserError
-
     inner = argparse.ArgumentParser(prog="fastblip caption", add_help=False)
     inner.add_argument("items", nargs="*")
     _common(inner, required=False)
     try:
         ns, unknown = inner.parse_known_intermixed_args(args.images)
     except SystemExit:
-        raise UserError("cannot parse the caption arguments (see fastblip caption --help)") from None
+        raise UsageError("cannot parse the caption arguments (see fastblip caption --help)") from None
     if unknown:
-        raise UserError(f"unrecognized arguments: {' '.join(unknown)}")
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
     for k in ("checkpoint", "device", "image_size"):
         if getattr(ns, k) is not None:
             setattr(args, k, getattr(ns, k))
     args.json = args.json or ns.json
     args.images = ns.items
     if not args.checkpoint:
-        raise UserError("the following arguments are required: --checkpoint")
+        raise UsageError("the following arguments are required: --checkpoint")
 
 
 def run_caption(args) -> int:
@@ -118,13 +131,11 @@ def run_caption(args) -> int:
     images = [x for x in args.images if "=" not in x]
     opts = _parse_caption_opts([x for x in args.images if "=" in x])
     if not images:
-        raise ValueError("no IMAGE given")
+        raise UsageError("no IMAGE given")
     _check_paths(images)
     model = _load(args)
     if model.cfg.kind not in ("pretrain", "caption"):
-        from fastblip.cli import UserError
-
-        raise UserError(f"{args.checkpoint} is a '{model.cfg.kind}' model; caption needs a decoder "
+            raise UsageError(f"{args.checkpoint} is a '{model.cfg.kind}' model; caption needs a decoder "
                         "(a pretrained or captioning checkpoint)")
     proc = Processor.from_model(model)
     pixels = proc.images(images).to(model.device, next(model.parameters()).dtype)
@@ -145,13 +156,13 @@ def run_caption(args) -> int:
 def run_score(args) -> int:
     import torch
 
-    from fastblip.cli import UserError
     from fastblip.processor import Processor
 
     _check_paths([args.image])
+    _check_text(args.text)
     model = _load(args)
     if model.cfg.kind not in ("pretrain", "retrieval", "itm"):
-        raise UserError(f"{args.checkpoint} is a '{model.cfg.kind}' model; score needs ITM and ITC heads "
+        raise UsageError(f"{args.checkpoint} is a '{model.cfg.kind}' model; score needs ITM and ITC heads "
                         "(a pretrained or retrieval/ITM checkpoint)")
     proc = Processor.from_model(model)
     batch = proc(images=[args.image], text=[args.text])
@@ -162,6 +173,27 @@ def run_score(args) -> int:
         cos = model.itc_similarity(pv, ids, mask).float()[0, 0].item()
     out = {"itm_match_prob": prob, "itc_cosine": cos}
     print(json.dumps(out) if args.json else f"itm_match_prob {prob:.4f}\titc_cosine {cos:.4f}")
+    return 0
+
+
+def _check_text(text: str) -> None:
+    """TEXT that can be scored: valid UTF-8 (argv bytes that are not arrive as lone surrogates) and not empty
+    once cleaned as BLIP cleans captions (an empty text would be scored as the bare [CLS] [SEP])."""
+    from fastblip.data.text import pre_caption
+
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"TEXT is not valid UTF-8 (byte {e.object[e.start:e.end]!r} at position {e.start})") from None
+    if not pre_caption(text, 50):
+        raise InputError(f"TEXT {text!r} is empty once cleaned (lowercased, punctuation removed): nothing to score")
+
+
+def run_migrate(args) -> int:
+    from fastblip.train.checkpoint import migrate_checkpoint
+
+    dst = migrate_checkpoint(args.src, args.dst)
+    print(f"wrote weights_only-safe checkpoint {dst}", file=sys.stderr)
     return 0
 
 

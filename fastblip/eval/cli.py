@@ -10,36 +10,55 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 
 log = logging.getLogger("fastblip.eval")
 
 
+# tasks whose evaluate() writes into train.out_dir (VQA: the answers file for the evaluation server); eval owns
+# that directory while it runs, as a training run would (fastblip/train/rundir.py)
+WRITES_OUT_DIR = ("vqa",)
+
+
 def load_model_for(recipe, device):
     """The checkpoint named by ``model.init_from`` (any format ``fastblip.load`` reads), in eval mode."""
+    from fastblip.config import ConfigError
+
     path = recipe.model.init_from
     if not path:
-        raise ValueError("recipe key 'model.init_from' must name the checkpoint to evaluate")
+        raise ConfigError("recipe key 'model.init_from' must name the checkpoint to evaluate")
     import fastblip
 
     return fastblip.load(path, image_size=recipe.data.image_size, device=device)
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from fastblip.config import ConfigError
     from fastblip.tasks import get_task
     from fastblip.train.recipe import read_recipe
 
     recipe = read_recipe(args.recipe, args.overrides)
     task = get_task(recipe.task)
     if not hasattr(task, "evaluate"):
-        raise ValueError(f"task '{recipe.task}' has no evaluation")
+        raise ConfigError(f"task '{recipe.task}' has no evaluation")
     if not recipe.data.eval:
-        raise ValueError("recipe key 'data.eval' is empty: nothing to evaluate")
+        raise ConfigError("recipe key 'data.eval' is empty: nothing to evaluate")
     from fastblip.train.distributed import init_distributed
+    from fastblip.train.rundir import acquire_lock, on_rank0
 
     info = init_distributed()
     rank, world, device = info.rank, info.world_size, info.device
-    model = load_model_for(recipe, device)
-    metrics = task.evaluate(model, recipe, rank=rank, world_size=world)
+    lock = None
+    if recipe.task in WRITES_OUT_DIR:
+        results = getattr(recipe.options(), "results_file", "") or ""
+        where = Path(results).parent if results else Path(recipe.train.out_dir)
+        lock = on_rank0(lambda: acquire_lock(where, "eval", "eval results directory"))[0]
+    try:
+        model = load_model_for(recipe, device)
+        metrics = task.evaluate(model, recipe, rank=rank, world_size=world)
+    finally:
+        if lock is not None:
+            lock.release()
     if rank == 0:
         if args.json:
             print(json.dumps(metrics))
