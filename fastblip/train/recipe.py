@@ -15,6 +15,7 @@ checked: an unknown one raises ``ConfigError`` naming it, before any work starts
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,10 @@ class DataSection:
     # generate the synthetic dataset (fastblip.data.synth.make_synthetic kwargs, incl. out_dir) when its
     # out_dir has no synth.json yet; empty = do nothing
     synthetic: dict = field(default_factory=dict)
+    # input limits (fastblip/data/decode.py): an image member/file, a caption/.json member; larger ones are
+    # skipped as 'too_large' without being read
+    max_image_bytes: int = 64 << 20
+    max_text_bytes: int = 1 << 20
 
     def sources(self, train: bool) -> list:
         """``train`` or ``eval`` sources; an empty list is a recipe error naming the key."""
@@ -115,10 +120,26 @@ class Recipe:
         if not (self.data.padding in ("longest", "max_length") or self.data.padding.startswith("buckets")):
             raise ConfigError(f"recipe key 'data.padding': {self.data.padding!r} is not longest, max_length or "
                               "buckets[:a,b,...]")
-        for key in ("train.grad_accum", "data.batch_size", "train.epochs", "data.image_size"):
+        for key in ("train.grad_accum", "data.batch_size", "train.epochs", "data.image_size", "train.log_every",
+                    "data.max_words", "data.max_length", "data.max_image_bytes", "data.max_text_bytes"):
             sec, name = key.split(".")
             if getattr(getattr(self, sec), name) < 1:
                 raise ConfigError(f"recipe key '{key}' must be >= 1")
+        for key in ("train.keep_last", "train.max_steps", "train.ckpt_every", "train.warmup_steps",
+                    "data.num_workers", "train.ckpt_layer"):
+            sec, name = key.split(".")
+            if getattr(getattr(self, sec), name) < 0:
+                raise ConfigError(f"recipe key '{key}' must be >= 0, got {getattr(getattr(self, sec), name)}")
+        for key in ("train.lr", "train.min_lr", "train.warmup_lr", "train.weight_decay", "train.clip_grad",
+                    "train.alpha", "train.alpha_ramp_epochs", "train.lr_decay_rate"):
+            sec, name = key.split(".")
+            v = getattr(getattr(self, sec), name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"recipe key '{key}' must be a finite number >= 0, got {v}")
+        if not 0.0 < self.data.min_scale <= 1.0:
+            raise ConfigError(f"recipe key 'data.min_scale' must be in (0, 1], got {self.data.min_scale}")
+        if self.data.batches_per_epoch is not None and self.data.batches_per_epoch < 1:
+            raise ConfigError(f"recipe key 'data.batches_per_epoch' must be >= 1, got {self.data.batches_per_epoch}")
         self.model_config()  # validates model.config now, not after data loading
 
     # ------------------------------------------------------------------ derived values
@@ -133,7 +154,7 @@ class Recipe:
             cfg.vision.grad_ckpt, cfg.vision.ckpt_layer = True, self.train.ckpt_layer
         if self.data.prompt:
             cfg.prompt = self.data.prompt
-        return cfg
+        return cfg.validate("recipe key 'model.config'")  # heads 0, patch 0, 200 TB: one line, nothing built
 
     def options(self):
         """The task's ``Options`` dataclass filled from ``task_options`` (unknown keys are errors)."""
@@ -173,6 +194,26 @@ def read_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     recipe = load_recipe(Recipe, path, overrides)
     recipe.options()
     return recipe
+
+
+def is_json_source(s) -> bool:
+    """The source syntax of fastblip.data.readers.parse_sources, without reading anything."""
+    if isinstance(s, dict):
+        return True
+    s = str(s)
+    return s.startswith("json:") or (s.endswith(".json") and "{" not in s and "::" not in s)
+
+
+def check_train_data(recipe: Recipe) -> None:
+    """Data keys a training run needs, checked before the model is built: webdataset shards have no known
+    length, so an epoch needs ``data.batches_per_epoch`` (else a TypeError deep in the trainer)."""
+    src = recipe.data.sources(train=True)
+    shards = [s for s in (src if isinstance(src, list) else [src]) if not is_json_source(s)]
+    if (shards or recipe.data.resampled) and not recipe.data.batches_per_epoch:
+        what = f"webdataset shards ({shards[0]!s}{', ...' if len(shards) > 1 else ''})" if shards else \
+            "data.resampled=true"
+        raise ConfigError(f"recipe key 'data.batches_per_epoch' is needed with {what}: their length is unknown "
+                          "until read, so set the batches per epoch per rank")
 
 
 def ensure_synthetic(recipe: Recipe) -> dict | None:
