@@ -15,30 +15,42 @@ from pathlib import Path
 def run_cli(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from fastblip.capfilt.pipeline import collect, expand_input, run_capfilt
+    from fastblip.capfilt.pipeline import check_inputs, collect, expand_input, open_output, run_capfilt
     from fastblip.capfilt.recipe import CapfiltRecipe
-    from fastblip.config import load_recipe
+    from fastblip.config import check_device, load_recipe
+    from fastblip.errors import InputError, NotFoundError
 
     recipe = load_recipe(CapfiltRecipe, args.recipe, args.overrides)
     recipe.check_paths()
     for key in ("captioner", "filter"):
         p = getattr(recipe, key)
         if "://" not in p and not os.path.exists(p):
-            raise FileNotFoundError(f"capfilt: {key} checkpoint not found: {p}")
+            raise NotFoundError(f"capfilt: {key} checkpoint not found: {p}")
     urls = expand_input(recipe.input)
+    check_inputs(urls)  # every input missing (a brace pattern matching nothing): one line, no model loaded
+    check_device(recipe.device)
     from fastblip.train.distributed import init_distributed
 
     info = init_distributed(None if recipe.device == "auto" else recipe.device)
     world, rank, device = info.world_size, info.rank, info.device
-    mine = run_capfilt(recipe, rank=rank, world_size=world, device=device)
-    if world > 1:
-        dist.barrier()
-    if rank == 0:
-        totals = collect(Path(recipe.output), urls)
-        totals["rank0"] = mine
-        print(json.dumps(totals) if args.json else json.dumps(totals, indent=1))
+    lock = open_output(recipe, urls, device=device, overwrite=args.overwrite)  # rank 0 owns the output
+    try:
+        mine = run_capfilt(recipe, rank=rank, world_size=world, device=device, owned=True)
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            totals = collect(Path(recipe.output), urls)
+            totals["rank0"] = mine
+            print(json.dumps(totals) if args.json else json.dumps(totals, indent=1), flush=True)
+    finally:
+        if lock is not None:
+            lock.release()
     if world > 1:
         dist.destroy_process_group()
+    if rank == 0 and totals["missing_shards"]:  # not done, not marked done: say so in the exit code
+        raise InputError(f"capfilt: {len(totals['missing_shards'])} of {len(urls)} input shards were missing or "
+                         f"unreadable ({', '.join(totals['missing_shards'][:3])}...): not marked done; rerun when "
+                         "they are there")
     return 0
 
 
@@ -50,4 +62,6 @@ def add_parsers(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="captioner=CKPT filter=CKPT input=SHARDS output=DIR, and any recipe key")
     p.add_argument("--json", action="store_true", help="print the totals as one JSON line")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo every shard when the output holds results of other settings (else refused)")
     p.set_defaults(func=run_cli)
