@@ -89,7 +89,7 @@ def _train(recipe, progress: bool):
     from fastblip.train.loop import Trainer
 
     t0 = time.perf_counter()
-    tr = Trainer(recipe, progress=progress)
+    tr = Trainer(recipe, progress=progress, overwrite=True)  # a rerun of the demo replaces its own stage
     tr.fit()
     ckpts = sorted((Path(recipe.train.out_dir) / "checkpoints").glob("*.pt"))
     return tr.model.eval(), str(ckpts[-1]) if ckpts else None, tr.total_steps, time.perf_counter() - t0
@@ -193,14 +193,27 @@ def _table(report: dict) -> str:
 
 def run_demo(out: str | Path = "demo_out", budget: str = "small", seed: int = 0, progress: bool = True) -> dict:
     """Run the whole bootstrapping demo; returns the report (also written to ``out/report.json``)."""
+    from fastblip.errors import ConfigError
+    from fastblip.train.rundir import acquire_lock
+
+    if budget not in BUDGETS:
+        raise ConfigError(f"unknown budget '{budget}' (valid: {', '.join(BUDGETS)})")
+    bud, out = BUDGETS[budget], Path(out)
+    # the demo owns --out while it runs (a second demo into it is refused); a rerun replaces every stage's output
+    # knowingly: each stage overwrites its own directory (Trainer/CapFilt overwrite=True)
+    lock = acquire_lock(out, "demo", "demo --out")
+    try:
+        return _run_demo(out, bud, budget, seed, progress)
+    finally:
+        lock.release()
+
+
+def _run_demo(out: Path, bud: Budget, budget: str, seed: int, progress: bool) -> dict:
     from fastblip.capfilt.pipeline import run_capfilt
     from fastblip.capfilt.recipe import CapfiltRecipe
     from fastblip.data.synth import make_synthetic
+    from fastblip.train.rundir import atomic_write_text
 
-    if budget not in BUDGETS:
-        raise ValueError(f"unknown budget '{budget}' (valid: {', '.join(BUDGETS)})")
-    bud, out = BUDGETS[budget], Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     t_start, timings = time.perf_counter(), {}
 
@@ -227,7 +240,7 @@ def run_demo(out: str | Path = "demo_out", budget: str = "small", seed: int = 0,
     boot = out / "capfilt"
     cf = CapfiltRecipe(input=data["web"], output=str(boot), num_captions=1, method="nucleus", image_size=IMAGE, batch_size=64,
                        seed=seed, device="cpu", dtype="fp32", num_workers=1, max_length=20, progress=progress)
-    cf_stats = run_capfilt(cf, captioner=cap, filter_model=filt, device="cpu")
+    cf_stats = run_capfilt(cf, captioner=cap, filter_model=filt, device="cpu", overwrite=True)
     from fastblip.capfilt.pipeline import collect, expand_input
 
     totals = collect(boot, expand_input(cf.input))
@@ -256,9 +269,13 @@ def run_demo(out: str | Path = "demo_out", budget: str = "small", seed: int = 0,
     }
     stage("evaluation")
     report["seconds"] = timings
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    from fastblip.capfilt.viewer import build_view  # the bootstrapped data as browsable HTML (~1 s)
+
+    report["capfilt"]["viewer"] = build_view(boot)["index"]
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1))
     _plot(report, out / "report.png")
     print("\n" + _table(report) + f"\n\nwrote {out / 'report.json'} and {out / 'report.png'}", flush=True)
+    print(f"CapFilt viewer (web and synthetic captions, scores, verdicts): {report['capfilt']['viewer']}", flush=True)
     return report
 
 

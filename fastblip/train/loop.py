@@ -25,11 +25,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from fastblip.errors import InputError
 from fastblip.train import checkpoint as ck
+from fastblip.train import rundir
 from fastblip.train.distributed import DistInfo, barrier, init_distributed, reduce_mean, wrap_model
-from fastblip.train.recipe import Recipe, ensure_synthetic
+from fastblip.train.recipe import Recipe, check_train_data, ensure_synthetic
 
 log = logging.getLogger("fastblip.train")
+EXPORT_MARK = "export.json"  # inside out_dir/model: {run_id, step} of the export
 
 
 class TrainStep(nn.Module):
@@ -78,8 +81,15 @@ class Trainer:
     """``Trainer(recipe, resume=False).fit() -> dict`` of final metrics (last logged losses + eval)."""
 
     def __init__(self, recipe: Recipe, *, resume: bool = False, device: str | None = None,
-                 progress: bool = True, model: nn.Module | None = None):
+                 progress: bool = True, model: nn.Module | None = None, overwrite: bool = False):
         self.recipe, t = recipe, recipe.train
+        # run-directory lifecycle (issue 15, train/rundir.py): checks that can fail do so before any work
+        from fastblip.config import check_device
+        from fastblip.data.decode import set_input_limits
+
+        check_device(device)
+        check_train_data(recipe)
+        set_input_limits(recipe.data.max_image_bytes, recipe.data.max_text_bytes)
         self.info: DistInfo = init_distributed(device)
         self.out_dir = Path(t.out_dir)
         self.progress = progress and self.info.is_main
@@ -87,9 +97,17 @@ class Trainer:
 
         self.task = get_task(recipe.task)
         self.options = recipe.options()
-        self.resume_path = ck.latest_checkpoint(self.out_dir) if resume else None
-        self.resume_state = ck.load_checkpoint(self.resume_path) if self.resume_path else None
-        if resume and self.resume_state is None:
+        # what must match to resume (the model config is the recipe's, known before building anything)
+        model_cfg = (model.cfg if model is not None else recipe.model_config()).to_dict()
+        self.fp = ck.fingerprint(model_cfg, recipe.data.batch_size, t.grad_accum, self.info.world_size)
+        self.fp["distributed"] = t.distributed if self.info.enabled else "none"  # optimiser state layouts differ
+        # lock, leftovers of a killed run, run identity; a non-empty out_dir needs --resume or --overwrite
+        self.run = rundir.open_run(self.out_dir, recipe.task, self.fp, resume=resume, overwrite=overwrite)
+        self.resume_path, self.resume_state = ck.find_resume_checkpoint(self.out_dir) if resume else (None, None)
+        if self.resume_state is not None:  # refuse another config's or another run's checkpoint before any work
+            ck.check_fingerprint(self.resume_state["fingerprint"], self.fp, self.resume_path)
+            rundir.check_run_id(self.resume_state, self.run, self.resume_path)
+        elif resume:
             log.warning("--resume: no checkpoint in %s, starting from scratch", self.out_dir / "checkpoints")
         if self.info.is_main:
             ensure_synthetic(recipe)
@@ -101,18 +119,14 @@ class Trainer:
 
             model = build_and_init(recipe)
         self.model = model.to(self.info.device)
-        cfg = self.model.cfg.to_dict()
-        self.fp = ck.fingerprint(cfg, recipe.data.batch_size, t.grad_accum, self.info.world_size)
-        self.fp["distributed"] = t.distributed if self.info.enabled else "none"  # optimiser state layouts differ
-        if self.resume_state is not None:  # refuse another config's checkpoint before any work
-            ck.check_fingerprint(self.resume_state["fingerprint"], self.fp, self.resume_path)
+        rundir.install_step_fault(self.model)  # FASTBLIP_FAULT=step@N (fault tests); nothing otherwise
         torch.manual_seed(t.seed + self.info.rank)  # per-rank dropout / sampling streams
 
         self.loader = self.task.build_loader(recipe, train=True, rank=self.info.rank,
                                              world_size=self.info.world_size, epoch=0)
         self.steps_per_epoch = len(self.loader) // t.grad_accum
         if self.steps_per_epoch < 1:
-            raise ValueError(f"the training data gives {len(self.loader)} batches per epoch per rank, fewer than "
+            raise InputError(f"the training data gives {len(self.loader)} batches per epoch per rank, fewer than "
                              f"train.grad_accum={t.grad_accum}")
         self.total_steps = self.steps_per_epoch * t.epochs
         if t.max_steps:
@@ -150,7 +164,7 @@ class Trainer:
         model_sd, optim_sd = self._model_optim_state()
         return {"model": model_sd, "optimizer": optim_sd, "step": self.step,
                 "epoch": self.epoch, "scaler": None, "per_rank": gathered, "fingerprint": self.fp,
-                "recipe": self.recipe.to_dict()}
+                "recipe": self.recipe.to_dict(), "run_id": self.run.run_id}
 
     def _sharded(self) -> bool:
         return self.info.enabled and self.recipe.train.distributed == "fsdp2"
@@ -177,7 +191,11 @@ class Trainer:
             self.optimizer.load_state_dict(st["optimizer"])
         self.step, self.epoch = int(st["step"]), int(st["epoch"])
         mine = st["per_rank"][self.info.rank]
-        self.loader.load_state_dict(mine["data"])
+        try:
+            self.loader.load_state_dict(mine["data"])
+        except ValueError as e:  # data position of another seed / world size / worker count: one line
+            raise rundir.RunMismatchError(f"--resume: {self.resume_path}: {e}; resume with the same data.num_workers "
+                                          "and train.seed, or use a new train.out_dir") from None
         ck.set_rng_state(mine["rng"])
 
     def save(self, export: bool = False) -> Path | None:
@@ -196,9 +214,11 @@ class Trainer:
         return self.step >= self.total_steps or self.epoch >= self.recipe.train.epochs
 
     def _export(self, model_sd: dict) -> Path:
-        import shutil
+        """``out_dir/model`` written as ``model.tmp-<pid>`` and renamed (io.publish_dir), with ``export.json``
+        {run_id, step}: a resumed run knows whether the export is this run's last step (else it re-exports)."""
+        import os
 
-        from fastblip.checkpoints.io import save_fastblip_dir
+        from fastblip.checkpoints.io import publish_dir, write_fastblip_files
 
         model = self.model
         if self._sharded():  # parameters are DTensor shards: a CPU copy from the gathered full state
@@ -207,13 +227,36 @@ class Trainer:
             model = build_model(self.model.cfg)
             model.load_state_dict(model_sd)
             model.tokenizer = self.model.tokenizer
-        final, tmp = self.out_dir / "model", self.out_dir / "model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_fastblip_dir(model, tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        final, tmp = self.out_dir / "model", self.out_dir / f"model.tmp-{os.getpid()}"
+        write_fastblip_files(model, tmp, extra={EXPORT_MARK: {"run_id": self.run.run_id, "step": self.step}})
+        rundir.fault_point("export")
+        publish_dir(tmp, final)
         log.info("exported %s (step %d)", final, self.step)
         return final
+
+    def _ensure_exported(self) -> None:
+        """A finished run whose export is missing or older than its last step (killed during the export, or
+        extended by --resume with more steps) exports now; every rank agrees (FSDP2 gathers collectively)."""
+        ok = None
+        if self.info.is_main:
+            mark = self.out_dir / "model" / EXPORT_MARK
+            try:
+                m = json.loads(mark.read_text())
+            except (OSError, ValueError):
+                m = {}
+            ok = m.get("run_id") == self.run.run_id and m.get("step") == self.step
+        if self.info.enabled:
+            box = [ok]
+            dist.broadcast_object_list(box, src=0)
+            ok = box[0]
+        if ok:
+            return
+        log.info("the run finished at step %d but %s is missing or older: exporting it", self.step,
+                 self.out_dir / "model")
+        model_sd = self._model_optim_state()[0]  # collective under FSDP2
+        if self.info.is_main:
+            self._export(model_sd)
+        barrier()
 
     # ------------------------------------------------------------------ loop
     def _autocast(self):
@@ -222,27 +265,40 @@ class Trainer:
         return torch.autocast(self.info.device.type, dtype=self.amp_dtype)
 
     def fit(self) -> dict:
-        if self.info.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "recipe.json").write_text(json.dumps(self.recipe.to_dict(), indent=1))
-        log_f = open(self.out_dir / "log.jsonl", "a") if self.info.is_main else None
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        log_f = bar = None
         try:
+            if self.info.is_main:
+                rundir.atomic_write_text(self.out_dir / "recipe.json", json.dumps(
+                    {**self.recipe.to_dict(), "run_id": self.run.run_id}, indent=1))
+                rundir.truncate_log(self.out_dir / "log.jsonl", self.step)  # a killed run logged past its checkpoint
+                log_f = open(self.out_dir / "log.jsonl", "a")
+            if self.progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
             while not self._finished():
+                before = self.step
                 self._train_epoch(bar, log_f)
+                if self.step == before:  # an epoch without a single optimiser step would loop (or "finish") on nothing
+                    s = self._data_stats()
+                    raise InputError(f"the training data yielded no usable batch (epoch {self.epoch}, step {self.step}:"
+                                     f" {s['ok']} samples ok, skipped {s['skipped'] or 'none'}); check data.train "
+                                     "with `fastblip data check`")
                 if self.step % self.steps_per_epoch == 0:
                     self._end_epoch(log_f, advance=True)
                 elif self.step >= self.total_steps:  # max_steps inside an epoch: resumable mid-epoch
                     self._end_epoch(log_f, advance=False)
+            self._ensure_exported()  # --resume of a run killed during its export (or extended): export now
+            self.last_metrics["data"] = self._data_stats()
+            if self.info.is_main:
+                s = self.last_metrics["data"]
+                log.info("data over this process's run: %d samples ok, skipped %s", s["ok"], s["skipped"] or "none")
         finally:
             if bar is not None:
                 bar.close()
             if log_f is not None:
                 log_f.close()
+            self.run.close()  # the out_dir lock: released at the end of the run, whatever ended it
         return self.last_metrics
 
     def _train_epoch(self, bar, log_f) -> None:
