@@ -204,6 +204,7 @@ class Backends:
     amp: str = "fp32"
     data: str = "pil"
     padding: str = "longest"
+    optimizer: str = "adamw_foreach"  # adamw_fused on CUDA: one multi-tensor kernel per step
 
     def op(self, name: str) -> str:
         return dict(self.ops)[name]
@@ -220,7 +221,7 @@ class Backends:
     def line(self) -> str:
         ops = " ".join(f"{k}={v}" for k, v in self.ops)
         return (f"backends: device={self.device} attention={self.attention} {ops} compile={self.compile} "
-                f"amp={self.amp} data={self.data} padding={self.padding}")
+                f"amp={self.amp} optimizer={self.optimizer} data={self.data} padding={self.padding}")
 
 
 def resolve(device: torch.device | str, *, attention: str | None = "auto",
@@ -242,4 +243,5 @@ def resolve(device: torch.device | str, *, attention: str | None = "auto",
         amp=resolve_amp(amp, dev),
         data=resolve_data(data),
         padding=resolve_padding(padding, mode, max_length),
+        optimizer="adamw_fused" if dev == "cuda" else "adamw_foreach",
     )

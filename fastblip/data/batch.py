@@ -55,7 +55,10 @@ def bucket_length(n: int, buckets: tuple[int, ...], max_length: int) -> int:
 
 
 def tokenize(texts: list[str], tokenizer, max_length: int = 35, padding: str = "longest") -> dict:
-    """``input_ids`` / ``attention_mask`` (B, L). ``padding``: "longest", "max_length" or "buckets:8,16,24,32"."""
+    """``input_ids`` / ``attention_mask`` (B, L). ``padding``: "longest", "max_length" or "buckets:8,16,24,32";
+    "auto" is "longest" here (a compiled training run resolves it to buckets first: fastblip.backends)."""
+    if padding == "auto":
+        padding = "longest"
     if padding.startswith("buckets"):
         enc = tokenizer(texts, max_length=max_length, padding="longest")
         spec = padding.partition(":")[2] or "8,16,24,32,40"

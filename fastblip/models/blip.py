@@ -27,6 +27,7 @@ class BlipCaption(CaptionMixin, BlipBase):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.text_decoder = BertLMHeadModel(cfg.text, encoder_width=cfg.vision.width)
+        self._prompt_len: tuple[str, int] | None = None
         self.set_backends()
 
     def forward(self, pixel_values, input_ids, attention_mask, prompt_len: int = 0) -> dict:
@@ -51,10 +52,12 @@ class BlipCaption(CaptionMixin, BlipBase):
         return self(batch.pixel_values, batch.input_ids, batch.attention_mask, prompt_len=self.prompt_len())
 
     def prompt_len(self) -> int:
-        """Number of prompt tokens masked from the loss ([DEC] + prompt words, as the official code)."""
-        if not self.cfg.prompt:
-            return 0
-        return len(self.tokenizer.encode(self.cfg.prompt)) - 1
+        """Number of prompt tokens masked from the loss ([DEC] + prompt words, as the official code); computed
+        once (tokenising inside a compiled training step would break its graph)."""
+        if self._prompt_len is None or self._prompt_len[0] != self.cfg.prompt:
+            n = len(self.tokenizer.encode(self.cfg.prompt)) - 1 if self.cfg.prompt else 0
+            self._prompt_len = (self.cfg.prompt, n)
+        return self._prompt_len[1]
 
 
 MOMENTUM_PAIRS = (("visual_encoder", "visual_encoder_m"), ("vision_proj", "vision_proj_m"),

@@ -14,7 +14,6 @@ steps for the JSONL log and the progress bar.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
 import math
@@ -30,24 +29,10 @@ from fastblip.train import checkpoint as ck
 from fastblip.train import rundir
 from fastblip.train.distributed import DistInfo, barrier, init_distributed, reduce_mean, wrap_model
 from fastblip.train.recipe import Recipe, check_train_data, ensure_synthetic
+from fastblip.train.step import TrainStep, compile_step
 
 log = logging.getLogger("fastblip.train")
 EXPORT_MARK = "export.json"  # inside out_dir/model: {run_id, step} of the export
-
-
-class TrainStep(nn.Module):
-    """What DDP/FSDP wrap: ``forward`` runs the model's ``training_forward`` so the gradient hooks fire."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        params = inspect.signature(model.training_forward).parameters
-        self.takes_momentum_flag = "update_momentum" in params
-
-    def forward(self, batch, alpha: float, first_micro: bool = True) -> dict:
-        if self.takes_momentum_flag:
-            return self.model.training_forward(batch, alpha, update_momentum=first_micro)
-        return self.model.training_forward(batch, alpha)
 
 
 def _iter_isolated(loader):
@@ -122,6 +107,16 @@ class Trainer:
         rundir.install_step_fault(self.model)  # FASTBLIP_FAULT=step@N (fault tests); nothing otherwise
         torch.manual_seed(t.seed + self.info.rank)  # per-rank dropout / sampling streams
 
+        # every implementation choice of the run, once (printed by the CLI, written into recipe.json)
+        from fastblip.backends import resolve
+
+        d = recipe.data
+        self.backends = resolve(self.info.device, attention=self.model.cfg.attention_backend,
+                                ops=self.model.cfg.ops_backend or "auto", compile=t.compile, amp=t.amp,
+                                data=d.backend, padding=d.padding, max_length=d.max_length,
+                                distributed=t.distributed if self.info.enabled else "none")
+        d.padding = self.backends.padding  # the loader pads as resolved (buckets when compiled)
+        self.model.set_backends(attention=self.backends.attention, ops=dict(self.backends.ops))
         self.loader = self.task.build_loader(recipe, train=True, rank=self.info.rank,
                                              world_size=self.info.world_size, epoch=0)
         self.steps_per_epoch = len(self.loader) // t.grad_accum
@@ -132,18 +127,16 @@ class Trainer:
         if t.max_steps:
             self.total_steps = min(self.total_steps, t.max_steps)
 
-        fused = self.info.device.type == "cuda"
-        self.amp_dtype = torch.bfloat16 if (t.amp == "bf16" or (t.amp == "auto" and fused)) else None
-        if t.compile:
-            for name in ("visual_encoder", "text_encoder", "text_decoder"):
-                if hasattr(self.model, name):
-                    getattr(self.model, name).compile()
+        self.amp_dtype = self.backends.amp_dtype
         if self.resume_state is not None and self._sharded():
             self.model.load_state_dict(self.resume_state["model"])  # full tensors, before fully_shard
-        self.step_module = wrap_model(TrainStep(self.model), self.info, t.distributed)
+        step = TrainStep(self.model)
+        compile_step(step, self.backends.compile)  # before wrapping: DDP/FSDP2 call the compiled module
+        self.step_module = wrap_model(step, self.info, t.distributed)
+        self._alpha = torch.zeros((), device=self.info.device)  # a device tensor: see fastblip.train.step
         # after wrapping: FSDP2 replaces the parameters by sharded DTensor parameters
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
+        self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=self.backends.optimizer == "adamw_fused" or None)
         self.external_momentum = (self.info.enabled and t.distributed == "fsdp2"
                                   and hasattr(self.model, "momentum_update"))
         self.step, self.epoch = 0, 0
@@ -269,7 +262,8 @@ class Trainer:
         try:
             if self.info.is_main:
                 rundir.atomic_write_text(self.out_dir / "recipe.json", json.dumps(
-                    {**self.recipe.to_dict(), "run_id": self.run.run_id}, indent=1))
+                    {**self.recipe.to_dict(), "backends": self.backends.to_dict(), "run_id": self.run.run_id},
+                    indent=1))
                 rundir.truncate_log(self.out_dir / "log.jsonl", self.step)  # a killed run logged past its checkpoint
                 log_f = open(self.out_dir / "log.jsonl", "a")
             if self.progress:
@@ -317,7 +311,7 @@ class Trainer:
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
                 alpha = alpha_at(self.step, spe, t)
-            batch = batch.to(self.info.device)
+                self._alpha.fill_(alpha)  # a fill kernel, not a host-to-device copy: no sync            batch = batch.to(self.info.device)
             last = micro == accum - 1
             sync = contextlib.nullcontext()
             if not last and hasattr(self.step_module, "no_sync"):
@@ -330,7 +324,7 @@ class Trainer:
                 first = False
             with sync:
                 with self._autocast():
-                    out = self.step_module(batch, alpha, first_micro=first)
+                    out = self.step_module(batch, self._alpha, first_micro=first)
                 (out["loss"] / accum).backward()
             for k, v in out.items():
                 if k.endswith("loss"):

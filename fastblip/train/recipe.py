@@ -51,7 +51,8 @@ class DataSection:
     min_scale: float = 0.2  # RandomResizedCrop scale (0.2 pretrain, 0.5 finetune)
     randaugment: bool = True
     hflip: bool = True  # random horizontal flip in train transforms (off when captions say left/right)
-    padding: str = "longest"  # longest | max_length | buckets[:8,16,24,32]
+    # auto (buckets of 8 up to max_length when compiled, else longest) | longest | max_length | buckets[:8,16,24,32]
+    padding: str = "auto"
     prompt: str = ""
     resampled: bool = False  # web shards across ranks: sample with replacement, fixed batches per epoch
     batches_per_epoch: int | None = None  # needed for webdataset shards (their length is unknown)
@@ -87,7 +88,7 @@ class TrainSection:
     grad_accum: int = 1
     clip_grad: float = 0.0  # max grad norm; 0 = off (official)
     amp: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False
+    compile: str = "false"  # auto (on for CUDA) | true (the whole step, fullgraph) | false (fastblip.backends)
     grad_ckpt: bool = False
     ckpt_layer: int = 0
     seed: int = 42
@@ -117,9 +118,12 @@ class Recipe:
         for value, valid, key in checks:
             if value not in valid:
                 raise ConfigError(f"recipe key '{key}': {value!r} is not one of {', '.join(valid)}")
-        if not (self.data.padding in ("longest", "max_length") or self.data.padding.startswith("buckets")):
-            raise ConfigError(f"recipe key 'data.padding': {self.data.padding!r} is not longest, max_length or "
-                              "buckets[:a,b,...]")
+        if not (self.data.padding in ("auto", "longest", "max_length") or self.data.padding.startswith("buckets")):
+            raise ConfigError(f"recipe key 'data.padding': {self.data.padding!r} is not auto, longest, max_length "
+                              "or buckets[:a,b,...]")
+        self.train.compile = str(self.train.compile).lower()
+        if self.train.compile not in ("auto", "true", "false"):
+            raise ConfigError(f"recipe key 'train.compile': {self.train.compile!r} is not auto, true or false")
         for key in ("train.grad_accum", "data.batch_size", "train.epochs", "data.image_size", "train.log_every",
                     "data.max_words", "data.max_length", "data.max_image_bytes", "data.max_text_bytes"):
             sec, name = key.split(".")
