@@ -140,26 +140,37 @@ def _xattn(s: dict) -> list[Scenario]:
     B, H, Lq, D = s["B"], s["H"], s["Lq"], s["D"]
     N, M = 3 * B, B  # ITM rows: positive, negative image per text, negative text per image
     bf = torch.bfloat16
+    p_train = 0.1  # BLIP's attention dropout (attention_probs_dropout_prob) while training
+    plan = (N + 2 * M + 1,)
     out = []
+
+    def nhld(X, L):  # (X, H, L, D) as the model passes it: a transposed view of the linear's (X, L, H*D)
+        return _fake(X, L, H, D, dtype=bf).transpose(1, 2)
+
+    tile_q = K._blocks(N, M, Lq, s["Lk"][0], D, True)["tile_q"]
+    out.append(Scenario(f"xattn plan N={N} M={M} Lq={Lq}",
+                        lambda: K.xattn_plan(_fake(N, dtype=torch.int64), M, Lq, tile_q), N * 8 + plan[0] * 4, 0.0,
+                        "fp32"))
     for Lk in s["Lk"]:
         tag = f"N={N} M={M} H={H} Lq={Lq} Lk={Lk} D={D} bf16"
         q_bytes, kv_bytes = N * H * Lq * D * 2, M * H * Lk * D * 2
         flops = 2 * 2 * N * H * Lq * Lk * D  # QK^T and PV
 
-        def fwd_args(Lk=Lk):
-            return (_fake(N, H, Lq, D, dtype=bf), _fake(M, H, Lk, D, dtype=bf), _fake(M, H, Lk, D, dtype=bf),
-                    _fake(N, dtype=torch.int64), None)
+        def fwd_args(Lk=Lk, p=p_train):
+            return (nhld(N, Lq), nhld(M, Lk), nhld(M, Lk), _fake(*plan, dtype=torch.int32), None, p,
+                    _fake(1, dtype=torch.int64) if p else None)
 
-        out.append(Scenario(f"xattn fwd {tag}", lambda a=fwd_args: K.xattn_forward(*a()),
-                            2 * q_bytes + 2 * kv_bytes, flops, "bf16", wgmma=True))
+        for p in (p_train, 0.0):  # training; inference (ITM scoring, CapFilt's filter, generation)
+            out.append(Scenario(f"xattn fwd {tag} p={p}", lambda a=fwd_args, p=p: K.xattn_forward(*a(p=p)),
+                                2 * q_bytes + 2 * kv_bytes, flops, "bf16", wgmma=True))
 
         def bwd(a=fwd_args):
-            q, k, v, kvi, mask = a()
-            return K.xattn_backward(_fake(*q.shape, dtype=bf), q, k, v, kvi, mask, _fake(*q.shape, dtype=bf),
-                                    _fake(N, H, Lq))
+            q, k, v, plan_, mask, p, seed = a()
+            return K.xattn_backward(nhld(N, Lq), q, k, v, plan_, mask, nhld(N, Lq), _fake(N, H, Lq), p, seed)
 
-        # reads q, o, do, k, v; writes dq, dk, dv; recomputes QK^T, then dV, dP, dQ, dK
-        out.append(Scenario(f"xattn bwd {tag}", bwd, 4 * q_bytes + 4 * kv_bytes, 2.5 * flops, "bf16",
+        # reads q, o, do, k, v; writes dq, dk, dv; recomputes QK^T, then dV, dP, dQ, dK. Neither floor counts
+        # the dropout mask's Philox integer work (~25 instructions per (q, k) element per pass, see the kernel)
+        out.append(Scenario(f"xattn bwd {tag} p={p_train}", bwd, 4 * q_bytes + 4 * kv_bytes, 2.5 * flops, "bf16",
                             wgmma=True))
     return out
 

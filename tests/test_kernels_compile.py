@@ -51,7 +51,10 @@ def test_opcheck_cross_attention(device):
     k = torch.randn(3, 2, 19, 16, device=device, requires_grad=True)
     v = torch.randn(3, 2, 19, 16, device=device, requires_grad=True)
     kvi = torch.tensor([0, 2, 2, 1], device=device)
-    _opcheck(_xattn_fwd_op, (q, k, v, kvi, torch.rand(3, 19, device=device) > 0.2))
+    mask = torch.rand(3, 19, device=device) > 0.2
+    _opcheck(_xattn_fwd_op, (q, k, v, kvi, mask, 0.0, None))
+    # attention dropout: the seed is an input, so every opcheck replay regenerates the same mask
+    _opcheck(_xattn_fwd_op, (q, k, v, kvi, mask, 0.1, torch.tensor([1234], device=device)))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
