@@ -99,12 +99,12 @@ class BertSelfAttention(nn.Module):
         """Cross-attention of N text rows to M images' precomputed K/V (row n -> image kv_index[n])."""
         q = self._split(self.query(x))
         p = self.dropout_p if self.training else 0.0
-        if kv_index is not None and p == 0.0 and self.backend != "reference":
-            from fastblip.ops import cross_attention  # indexed kernel: no gathered (N, H, Lk, D) copy
+        if kv_index is not None and self.backend != "reference":
+            from fastblip.ops import cross_attention  # indexed kernel (dropout inside): no (N, H, Lk, D) copy
 
-            out = cross_attention(q, k, v, kv_index, key_padding_mask=mask, backend=self.ops_backend)
+            out = cross_attention(q, k, v, kv_index, key_padding_mask=mask, backend=self.ops_backend, dropout_p=p)
         else:
-            if kv_index is not None:  # gather per row; needed for attention-prob dropout (official training)
+            if kv_index is not None:  # the official computation: gather per row, explicit softmax, dropout
                 k, v = k.index_select(0, kv_index), v.index_select(0, kv_index)
                 mask = mask.index_select(0, kv_index) if mask is not None else None
             out = attention(q, k, v, key_padding_mask=mask, dropout_p=p, backend=self.backend)
