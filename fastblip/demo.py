@@ -269,13 +269,9 @@ def _run_demo(out: Path, bud: Budget, budget: str, seed: int, progress: bool) ->
     }
     stage("evaluation")
     report["seconds"] = timings
-    from fastblip.capfilt.viewer import build_view  # the bootstrapped data as browsable HTML (~1 s)
-
-    report["capfilt"]["viewer"] = build_view(boot)["index"]
     atomic_write_text(out / "report.json", json.dumps(report, indent=1))
     _plot(report, out / "report.png")
     print("\n" + _table(report) + f"\n\nwrote {out / 'report.json'} and {out / 'report.png'}", flush=True)
-    print(f"CapFilt viewer (web and synthetic captions, scores, verdicts): {report['capfilt']['viewer']}", flush=True)
     return report
 
 
