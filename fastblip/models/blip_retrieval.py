@@ -41,16 +41,14 @@ def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(t.contiguous()))
 
 
-def _pad_to_world_len(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ranks pad their texts to their own longest caption; gathering needs one length."""
-    if _world() == 1:
+def _pad_to_world_len(ids: torch.Tensor, mask: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranks pad their texts to their own longest caption; gathering needs one length. Under torchrun every
+    rank pads to ``max_len`` (the recipe's max_length): a static shape, no all-reduce of the lengths and no
+    host sync to read it (the negatives' ITM rows cost a few more tokens)."""
+    if _world() == 1 or ids.shape[1] >= max_len:
         return ids, mask
-    L = torch.tensor([ids.shape[1]], device=ids.device)
-    dist.all_reduce(L, op=dist.ReduceOp.MAX)
-    pad = int(L) - ids.shape[1]  # sync: one scalar per step, only under torchrun
-    if pad:
-        ids, mask = F.pad(ids, (0, pad)), F.pad(mask, (0, pad))
-    return ids, mask
+    pad = max_len - ids.shape[1]
+    return F.pad(ids, (0, pad)), F.pad(mask, (0, pad))
 
 
 class BlipRetrieval(ContrastiveMixin, BlipBase):
@@ -115,7 +113,7 @@ class BlipRetrieval(ContrastiveMixin, BlipBase):
             sim_t2i = text_feat.detach() @ gather_nograd(image_feat.detach()).t() / t
         neg_img, neg_txt = sample_hard_negatives(sim_i2t, sim_t2i, idx, idx_world, eps=0.0,
                                                   backend=self.op_backend("sample_hard_negatives"))
-        ids_w, mask_w = _pad_to_world_len(enc_ids, mask)
+        ids_w, mask_w = _pad_to_world_len(enc_ids, mask, self.cfg.max_text_len)
         ids_w, mask_w = gather_nograd(ids_w), gather_nograd(mask_w)
         # the three text blocks padded to one length (a gathered text may be longer than ours)
         L = ids_w.shape[1]

@@ -25,6 +25,8 @@ def _run(args: argparse.Namespace, verb: str) -> int:
         raise ConfigError("fastblip finetune: the recipe's task is 'pretrain'; use fastblip pretrain")
     trainer = Trainer(recipe, resume=args.resume, overwrite=args.overwrite, device=args.device,
                       progress=not args.json and sys.stderr.isatty())
+    if trainer.info.is_main:  # every implementation choice of the run, once (also in out_dir/recipe.json)
+        print(f"fastblip {verb}: {trainer.backends.line()}", file=sys.stderr, flush=True)
     metrics = trainer.fit()
     if trainer.info.is_main:
         if args.json:
