@@ -1,4 +1,5 @@
-"""`fastblip capfilt --recipe FILE captioner=CKPT filter=CKPT input=SHARDS output=DIR [key=value ...] [--json]`.
+"""`fastblip capfilt --recipe FILE captioner=CKPT filter=CKPT input=SHARDS output=DIR [key=value ...] [--json]`;
+`fastblip capfilt view OUTPUT_DIR [--out DIR] [--no-thumbnails]`: the static HTML viewer (fastblip.capfilt.viewer).
 
 Under torchrun every rank takes its own shards; rank 0 waits for all, then writes ``manifest.jsonl`` and
 ``totals.json`` and prints the totals (JSON with ``--json``). A rerun skips finished shards.
@@ -13,6 +14,11 @@ from pathlib import Path
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    from fastblip.capfilt import viewer
+
+    if args.overrides[:1] == ["view"]:  # `fastblip capfilt view OUTPUT_DIR`: the static HTML viewer
+        return viewer.view_cli(args)
+    viewer.reject_view_options(args)
     import torch.distributed as dist
 
     from fastblip.capfilt.pipeline import check_inputs, collect, expand_input, open_output, run_capfilt
@@ -64,4 +70,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the totals as one JSON line")
     p.add_argument("--overwrite", action="store_true",
                    help="redo every shard when the output holds results of other settings (else refused)")
+    from fastblip.capfilt.viewer import add_arguments
+
+    add_arguments(p)  # `capfilt view`'s options: key=value positionals leave no room for a sub-parser
     p.set_defaults(func=run_cli)
