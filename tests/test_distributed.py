@@ -1,12 +1,15 @@
 """2-process gloo run on CPU == a single-process simulation of the same two ranks: per-rank losses (fixed
 negatives), DDP-averaged gradients, and the queue holding both ranks' momentum features (the only cross-rank
-exchange of BLIP pretraining)."""
+exchange of BLIP pretraining). Also with the step traced whole by ``torch.compile(fullgraph=True)`` (the
+``aot_eager`` backend: dynamo + AOTAutograd without inductor's codegen, which tests/test_compile_step.py
+covers): the cross-rank gather (fastblip.ops.gather, functional collectives) must trace into the graph."""
 
 from __future__ import annotations
 
 import copy
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -45,13 +48,16 @@ class _Step(nn.Module):
         return self.model(px, ids, mask, alpha=0.3, negatives=neg)
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, init_file: str, out_dir: str, compiled: bool = False) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     from fastblip.train.distributed import DistInfo, wrap_model
 
     model = _model()
-    step = wrap_model(_Step(model), DistInfo(rank, WORLD), "ddp")
+    inner = _Step(model)
+    if compiled:  # a graph break (e.g. an untraceable collective) raises under fullgraph
+        inner.compile(fullgraph=True, dynamic=False, backend="aot_eager")
+    step = wrap_model(inner, DistInfo(rank, WORLD), "ddp")
     out = step(*_data(rank), NEG[rank])
     out["loss"].backward()
     torch.save({"losses": {k: v.detach() for k, v in out.items()},
@@ -61,8 +67,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def test_two_rank_gloo_equals_simulation(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_two_rank_gloo_equals_simulation(tmp_path, compiled):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), compiled), nprocs=WORLD, join=True)
     res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     base = _model()

@@ -21,7 +21,6 @@ pointer advances on device. Legend: B batch, Q queue, D embed dim (256), N image
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -29,16 +28,7 @@ from fastblip.config import ModelConfig
 from fastblip.models.base import BlipBase, CaptionMixin, ContrastiveMixin
 from fastblip.models.blip import add_momentum_and_queues, momentum_pairs
 from fastblip.models.med import BertLMHeadModel, BertModel, ImageKV, tie_encoder_decoder
-
-
-def gather_features(x_BD: torch.Tensor) -> torch.Tensor:
-    """All-gather (no gradient) along dim 0 in rank order; identity without an initialised process group.
-    Only the queue enqueue crosses ranks in pretraining (BLIP_SPEC §2): ITC and ITM stay local."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x_BD
-    out = [torch.empty_like(x_BD) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x_BD.contiguous())
-    return torch.cat(out, dim=0)
+from fastblip.ops.gather import gather_nograd
 
 
 class BlipPretrain(ContrastiveMixin, CaptionMixin, BlipBase):
@@ -72,7 +62,7 @@ class BlipPretrain(ContrastiveMixin, CaptionMixin, BlipBase):
         """Write the all-gathered momentum features at ``queue_ptr`` and advance it (on device)."""
         from fastblip.ops import enqueue_
 
-        enqueue_([self.image_queue, self.text_queue], [gather_features(image_feat_m), gather_features(text_feat_m)],
+        enqueue_([self.image_queue, self.text_queue], [gather_nograd(image_feat_m), gather_nograd(text_feat_m)],
                  self.queue_ptr)
 
     # ------------------------------------------------------------------ losses

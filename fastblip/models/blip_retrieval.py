@@ -7,7 +7,6 @@ N image tokens, C vision width.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -15,37 +14,14 @@ from fastblip.config import ModelConfig
 from fastblip.models.base import BlipBase, ContrastiveMixin
 from fastblip.models.blip import add_momentum_and_queues, momentum_pairs
 from fastblip.models.med import BertModel, ImageKV
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-@torch.no_grad()
-def gather_nograd(t: torch.Tensor) -> torch.Tensor:
-    """(B, ...) -> (W·B, ...) in rank order, no gradient (official ``concat_all_gather``)."""
-    if _world() == 1:
-        return t
-    out = [torch.empty_like(t) for _ in range(_world())]
-    dist.all_gather(out, t.contiguous())
-    return torch.cat(out)
-
-
-def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
-    """(B, ...) -> (W·B, ...) with gradient: backward sums every rank's gradient for our slice (the official
-    ``GatherLayer``); ``torch.distributed.nn.functional.all_gather`` does exactly that (reduce-scatter)."""
-    if _world() == 1:
-        return t
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(t.contiguous()))
+from fastblip.ops.gather import gather_nograd, gather_with_grad, world_size
 
 
 def _pad_to_world_len(ids: torch.Tensor, mask: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Ranks pad their texts to their own longest caption; gathering needs one length. Under torchrun every
     rank pads to ``max_len`` (the recipe's max_length): a static shape, no all-reduce of the lengths and no
     host sync to read it (the negatives' ITM rows cost a few more tokens)."""
-    if _world() == 1 or ids.shape[1] >= max_len:
+    if world_size() == 1 or ids.shape[1] >= max_len:
         return ids, mask
     pad = max_len - ids.shape[1]
     return F.pad(ids, (0, pad)), F.pad(mask, (0, pad))
@@ -122,7 +98,7 @@ class BlipRetrieval(ContrastiveMixin, BlipBase):
         text_mask = torch.cat([mask_l, mask_l, mask_w.index_select(0, neg_txt)])
         image = self.text_encoder.image_kv(img_BNC)  # each local image's K/V once: pos pair + neg-text pair
         ar = torch.arange(B, device=ids.device)
-        if _world() == 1:
+        if world_size() == 1:
             image.kv_index = torch.cat([ar, neg_img, ar])  # negative images are local: share their K/V too
         else:
             neg_BNC = gather_with_grad(img_BNC).index_select(0, neg_img)  # gradient reaches the owning rank

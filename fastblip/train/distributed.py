@@ -1,8 +1,8 @@
-"""torchrun scale-out: process group from the environment, DDP (default) or FSDP2, gather helpers.
+"""torchrun scale-out: process group from the environment, DDP (default) or FSDP2, metric reductions.
 
 ``torchrun --nproc_per_node 8 -m fastblip pretrain --recipe ...`` sets RANK / WORLD_SIZE / LOCAL_RANK;
 ``init_distributed`` then joins NCCL on GPU or gloo on CPU. Pretraining exchanges only the momentum
-features for the queue enqueue (``fastblip.models.blip_pretrain.gather_features``); DDP all-reduces the
+features for the queue enqueue (``fastblip.ops.gather``, the one gather module); DDP all-reduces the
 gradients. FSDP2 (``train.distributed=fsdp2``, for ViT-L) shards every ViT block on its own; the whole
 MED (encoder + decoder, tied) is one unit so each tied parameter is sharded once.
 """
@@ -56,25 +56,6 @@ def init_distributed(device: str | None = None) -> DistInfo:
 def destroy_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every rank along dim 0 (rank order); no gradient flows back."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out, dim=0)
-
-
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather along dim 0 keeping the gradient to every rank's slice (retrieval's cross-rank ITM negatives;
-    the backward all-reduces, as the official ``GatherLayer``)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
 def reduce_mean(x: torch.Tensor) -> torch.Tensor:
