@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -86,7 +87,14 @@ def read_tensor_file(path: Path, what: str = "checkpoint") -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {_first_line(e)}") from e
+        # torch's message opens with advice to retry with weights_only=False: never relay that; keep its reason
+        m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n|$)", str(e))
+        reason = m.group(1).strip() if m else _first_line(e)
+        g = re.search(r"GLOBAL (\S+)", reason)
+        if g is None and "Unsupported operand" in reason:  # not pickle data at all: a JPEG, a text file, ...
+            raise CheckpointError(f"{path}: not a PyTorch {what} ({reason})") from None
+        what_ = f"it holds a pickled {g.group(1)}, and unpickling it could run code" if g else reason
+        raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {what_}") from e
     except MemoryError:
         raise
     except Exception as e:

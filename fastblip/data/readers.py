@@ -19,6 +19,7 @@ readable in the preflight, so garbage named ``.tar`` no longer passes it.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import tarfile
@@ -247,7 +248,13 @@ def iter_tar(url: str, counts: dict, max_image_bytes_: int | None = None,
     current: dict | None = None
     n_members = 0
     reading = None  # key of the member being read: an error there leaves that sample incomplete
+    raw = stream
     try:
+        peek = getattr(stream, "peek", None)
+        if peek is not None and peek(2)[:2] == b"\x1f\x8b":
+            # gzip decompressed here, in bounded reads: tarfile's own stream inflates each 8 KB chunk whole, up
+            # to ~1000x (30 MB peaks for a caption of zeros), GzipFile never returns more than asked
+            stream = gzip.GzipFile(fileobj=raw, mode="rb")
         with tarfile.open(fileobj=stream, mode="r|*") as tf:
             for info in tf:
                 n_members += 1  # a parsed header: the file is a tar, so a later error is truncation
@@ -278,9 +285,10 @@ def iter_tar(url: str, counts: dict, max_image_bytes_: int | None = None,
         if current is not None and current["__key__"] == reading:
             current = None  # the sample being read when the tar ended is incomplete
     finally:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
+        for f in (stream, raw) if stream is not raw else (raw,):
+            close = getattr(f, "close", None)
+            if close is not None:
+                close()
     if current is not None:
         yield current
 
