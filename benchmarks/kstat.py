@@ -104,13 +104,15 @@ def _itc(s: dict) -> list[Scenario]:
             idx_all = _fake(N, dtype=torch.int64) if ids else None
             return (f(B, d), f(B, d), f(N, d), f(N, d), _fake(), _fake(), idx, idx_all)
 
-        # fwd: two directions, each reads the N x d keys once (fp32) and does two B x N x d products
-        key_bytes = 2 * N * d * 4
-        out.append(Scenario(f"itc fwd {tag}", lambda args=args: K.itc_forward(*args()), key_bytes,
+        # fwd: two directions, each reads the N x d fp32 keys once, writes them rounded to bf16 for the
+        # backward and does two B x N x d products (bf16 operands); bwd: reads the bf16 copies once and does
+        # three products (student and teacher logits again, dS @ K)
+        out.append(Scenario(f"itc fwd {tag}", lambda args=args: K.itc_forward(*args()), 2 * N * d * (4 + 2),
                             2 * 2 * 2 * B * N * d, "bf16", wgmma=True))
         out.append(Scenario(f"itc bwd {tag}",
-                            lambda args=args: K.itc_backward(_fake(), *args(), _fake(2, 3, B)),
-                            key_bytes, 2 * 3 * 2 * B * N * d, "bf16", wgmma=True))
+                            lambda args=args: K.itc_backward(_fake(), *args(), _fake(2, 3, B),
+                                                             *(_fake(N, d, dtype=torch.bfloat16),) * 2),
+                            2 * N * d * 2, 2 * 3 * 2 * B * N * d, "bf16", wgmma=True))
     return out
 
 
