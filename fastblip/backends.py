@@ -39,11 +39,13 @@ OPS = ("itc_loss", "sample_hard_negatives", "cross_attention", "lm_cross_entropy
 OP_BACKENDS = ("reference", "triton")
 ATTENTION = ("auto", "reference", "sdpa", "flash_attn", "xformers")
 
-# The CUDA default per op comes from measurement only (issue 13: set it from the measured kernel suite).
-# The only H100 run so far (torch 2.11, triton 3.6, 2026-11-23, benchmarks/results/kernels_base_*) measured an
-# earlier version of the ITC, sampling and LM CE kernels, slower than (or failing against) their reference, so
-# those stay on the reference until a re-measurement shows the kernel ahead; the indexed cross-attention
-# kernel measured 1.14x / 1.22x the eager reference at Lk 197 / 577 with 40-48% less memory.
+# The CUDA default per op comes from measurement only (issue 13: set it from the measured kernel suite,
+# `bash benchmarks/gpu_session.sh`, stage kernels:base). The only H100 run so far (torch 2.11, triton 3.6,
+# 2026-11-23, benchmarks/results/kernels_base_*) measured the first versions of the kernels: ITC, sampling and
+# LM CE were slower than (or failed against) their reference, so those stay on the reference; the indexed
+# cross-attention kernel measured 1.14x / 1.22x the eager reference at Lk 197 / 577 with 40-48% less memory.
+# All four were reworked since (2026-11-28: static sm_90/sm_80 report clean, benchmarks/kstat.py; attention
+# dropout inside the cross-attention kernel) and none of the new versions has been timed on a GPU yet.
 CUDA_DEFAULT = {"itc_loss": "reference", "sample_hard_negatives": "reference", "cross_attention": "triton",
                 "lm_cross_entropy": "reference"}
 
