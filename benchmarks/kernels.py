@@ -65,18 +65,20 @@ def _cases(device: str, s: dict):
     N, M, H, Lq, D = 3 * B, B, s["H"], s["Lq"], s["D"]
     kvi = torch.cat([torch.arange(M), torch.randint(0, M, (N - M,))]).to(device)
     for Lk in s["Lk"]:
-        q = torch.randn(N, H, Lq, D, device=device, dtype=dt)
-        k, v = (torch.randn(M, H, Lk, D, device=device, dtype=dt) for _ in range(2))
+        # the model's layout: q/k/v are (X, L, H, D) projections viewed as (X, H, L, D) (med.py ``_split``)
+        q = torch.randn(N, Lq, H, D, device=device, dtype=dt).transpose(1, 2)
+        k, v = (torch.randn(M, Lk, H, D, device=device, dtype=dt).transpose(1, 2) for _ in range(2))
+        for p in (0.0, 0.1):  # BLIP trains with attention dropout 0.1
 
-        def xa(fn, q=q, k=k, v=v, **kw):
-            def call():
-                qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-                fn(qq, kk, vv, kvi, **kw).float().sum().backward()
-            return call
+            def xa(fn, q=q, k=k, v=v, p=p, **kw):
+                def call():
+                    qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+                    fn(qq, kk, vv, kvi, dropout_p=p, **kw).float().sum().backward()
+                return call
 
-        yield "cross_attention", f"N={N} M={M} H={H} Lq={Lq} Lk={Lk} D={D} {str(dt)[6:]}", \
-            xa(cross_attention, backend="triton"), xa(cross_attention_reference), \
-            lambda xa=xa: xa(torch.compile(cross_attention_reference))
+            yield "cross_attention", f"N={N} M={M} H={H} Lq={Lq} Lk={Lk} D={D} p={p} {str(dt)[6:]}", \
+                xa(cross_attention, backend="triton"), xa(cross_attention_reference), \
+                lambda xa=xa: xa(torch.compile(cross_attention_reference))
 
     Ntok, dm, V = B * s["Lq"], s["dm"], s["V"]
     h = torch.randn(Ntok, dm, device=device, dtype=dt)
