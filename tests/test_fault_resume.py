@@ -7,7 +7,7 @@ rundir.py): the process SIGKILLs itself the N-th time it reaches PHASE. Nothing 
 
 The run: 16 human pairs, batch 4, 2 epochs = 8 optimiser steps; checkpoints at steps 2 (ckpt_every), 4 (epoch
 end), 6 (ckpt_every), 8 (end, then the export); keep_last 1, so rotation deletes. One uninterrupted reference run
-is shared by every phase. Measured on 2 CPU cores: ~8 s per process, 9 processes, ~75 s in all.
+is shared by every phase. Measured on 2 shared CPU cores: 14 s per phase (two processes), 72 s in all.
 """
 
 from __future__ import annotations

@@ -210,8 +210,10 @@ def test_capfilt_marks_only_work_done_and_refuses_other_settings(synth, models, 
     assert collect(out, expand_input(inp))["missing_shards"] == ["web-00002"]
     shutil.copy(web / "web-00000.tar", tmp_path / "web-00002.tar")  # the shard appears: the rerun does it, only it
     shutil.copy(web / "web-00000.tar", web / "web-00002.tar")
+    (out / "web-00002.tar.tmp4242").write_bytes(b"half a shard")  # what a run killed mid-write leaves
     try:
         s = run_capfilt(_capfilt(inp, out), captioner=cap, filter_model=flt)
+        assert not list(out.glob("*.tmp*"))  # removed on the next start
         assert s["shards"] == 1 and s["skipped_done"] == 2 and s["missing"] == []
         assert collect(out, expand_input(inp))["missing_shards"] == []
         # other settings into the same output: refused naming the difference, or redone with overwrite
