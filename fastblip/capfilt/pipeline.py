@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 from fastblip.capfilt.recipe import CapfiltRecipe
-from fastblip.errors import ConfigError, InputError
+from fastblip.errors import CheckpointError, ConfigError, InputError
 from fastblip.train import rundir
 
 log = logging.getLogger("fastblip.capfilt")
@@ -204,7 +204,7 @@ class CapFilt:
     def __init__(self, captioner, filter_model, recipe: CapfiltRecipe, device: torch.device):
         for m, need, what in ((captioner, "text_decoder", "captioner"), (filter_model, "itm_head", "filter")):
             if not hasattr(m, need):
-                raise ValueError(f"the {what} checkpoint ({type(m).__name__}) has no '{need}': use a "
+                raise CheckpointError(f"the {what} checkpoint ({type(m).__name__}) has no '{need}': use a "
                                  f"{'caption' if what == 'captioner' else 'retrieval/ITM'} or pretraining model")
         self.cap, self.flt, self.r, self.device = captioner.eval(), filter_model.eval(), recipe, device
         self.tok = captioner.tokenizer
