@@ -185,13 +185,14 @@ def _lm_ce(s: dict) -> list[Scenario]:
     Nt, dm, V = s["B"] * s["Lq"], s["dm"], s["V"]
     bf = torch.bfloat16
 
-    def call():
-        return K.lm_ce_chunks(_fake(Nt, dm, dtype=bf), _fake(V, dm), _fake(V), _fake(Nt, dtype=torch.int64),
-                              0.1, -100, _fake(Nt), True)
+    def call():  # the training forward ("mean"): hidden in the autocast dtype, fp32 weight and bias
+        return K.lm_ce_forward(_fake(Nt, dm, dtype=bf), _fake(V, dm), _fake(V), _fake(Nt, dtype=torch.int64),
+                               0.1, -100, _fake(Nt))
 
-    # logits, d hidden, d weight: three Nt x V x dm products; reads hidden + weight, writes their grads
-    return [Scenario(f"lm_ce fwd+bwd N={Nt} V={V} d={dm} bf16", call, (Nt * dm * 2) * 2 + V * dm * 4 * 2,
-                     3 * 2 * Nt * V * dm, "bf16")]
+    # logits, d hidden, [d weight | d bias]: three Nt x V x dm products (+ 8 padding columns in the last);
+    # bytes: the design's HBM traffic, the (Nt, V) bf16 logits/gradient buffer's five passes included
+    return [Scenario(f"lm_ce fwd+bwd N={Nt} V={V} d={dm} bf16", call, K.floor_bytes(Nt, V, dm),
+                     2 * Nt * V * dm * 2 + 2 * Nt * V * (dm + K._PAD), "bf16")]
 
 
 # ----------------------------------------------------------------------------------------------- capture

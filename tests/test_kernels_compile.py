@@ -11,7 +11,7 @@ from fastblip.kernels import INTERPRET
 from fastblip.kernels.cross_attention import _xattn_fwd_op
 from fastblip.kernels.hard_negatives import _sample_op
 from fastblip.kernels.itc_loss import _itc_fwd_op
-from fastblip.kernels.lm_cross_entropy import _lm_ce_fwd_op
+from fastblip.kernels.lm_cross_entropy import _lm_ce_dlogits_op, _lm_ce_fwd_op
 from fastblip.ops import cross_attention, itc_loss, lm_cross_entropy, sample_hard_negatives
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -58,13 +58,17 @@ def test_opcheck_cross_attention(device):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_opcheck_lm_ce(device, reduction):
-    h = torch.randn(9, 16, device=device, requires_grad=True)
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16])  # bf16: fp32 weight, as autocast
+def test_opcheck_lm_ce(device, reduction, hidden_dtype):
+    h = torch.randn(9, 16, device=device, dtype=hidden_dtype, requires_grad=True)
     w = torch.randn(37, 16, device=device, requires_grad=True)
     b = torch.randn(37, device=device, requires_grad=True)
     y = torch.randint(0, 37, (9,), device=device)
     y[2] = -100
     _opcheck(_lm_ce_fwd_op, (h, w, b, y, 0.1, -100, reduction, True))
+    if reduction == "none":  # the op its backward recomputes d loss / d logits with
+        _opcheck(_lm_ce_dlogits_op, (h.detach(), w.detach().to(hidden_dtype), b.detach(), y,
+                                     torch.rand(9, device=device), 0.1, -100))
 
 
 def _block(img, txt, img_m, txt_m, temp, q, k, v, kvi, hidden, weight, bias, labels):
