@@ -51,7 +51,7 @@ class Scenario:
 
     def floor_us(self) -> dict:
         t_mem, t_math = self.bytes / H100["hbm"] * 1e6, self.flops / H100[self.rate] * 1e6
-        return {"floor_us": round(max(t_mem, t_math), 2), "bound": "memory" if t_mem >= t_math else "compute",
+        return {"floor_us": float(f"{max(t_mem, t_math):.4g}"), "bound": "memory" if t_mem >= t_math else "compute",
                 "mbytes": round(self.bytes / 1e6, 1), "gflop": round(self.flops / 1e9, 3)}
 
 
@@ -197,14 +197,17 @@ def _lm_ce(s: dict) -> list[Scenario]:
 
 # ----------------------------------------------------------------------------------------------- capture
 class _Props:
-    def __init__(self, sms: int):
-        self.multi_processor_count = sms
-        self.name = "fake"
+    """What a launcher may read from ``torch.cuda.get_device_properties`` for the target being compiled."""
+
+    def __init__(self, cap: int):
+        self.multi_processor_count = TARGETS[cap]["sms"]
+        self.major, self.minor = divmod(cap, 10)
+        self.name = TARGETS[cap]["name"]
 
 
 @contextlib.contextmanager
-def _capturing(sink: list, sms: int) -> Iterator[None]:
-    """Record every ``JITFunction.run`` instead of launching; answer SM-count queries for the target."""
+def _capturing(sink: list, cap: int) -> Iterator[None]:
+    """Record every ``JITFunction.run`` instead of launching; answer device queries for the target."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from triton.runtime import jit
@@ -213,14 +216,15 @@ def _capturing(sink: list, sms: int) -> Iterator[None]:
         sink.append((self, grid, args, kwargs))
         return None
 
-    saved = jit.JITFunction.run, torch.cuda.get_device_properties
+    saved = jit.JITFunction.run, torch.cuda.get_device_properties, torch.cuda.get_device_capability
     jit.JITFunction.run = record
-    torch.cuda.get_device_properties = lambda *a, **k: _Props(sms)
+    torch.cuda.get_device_properties = lambda *a, **k: _Props(cap)
+    torch.cuda.get_device_capability = lambda *a, **k: divmod(cap, 10)
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
             yield
     finally:
-        jit.JITFunction.run, torch.cuda.get_device_properties = saved
+        jit.JITFunction.run, torch.cuda.get_device_properties, torch.cuda.get_device_capability = saved
 
 
 def capture(size: str, cap: int) -> list[Launch]:
@@ -228,7 +232,7 @@ def capture(size: str, cap: int) -> list[Launch]:
     launches = []
     for sc in scenarios(size):
         sink: list = []
-        with _capturing(sink, TARGETS[cap]["sms"]):
+        with _capturing(sink, cap):
             sc.call()
         seen: dict = {}
         for fn, grid, args, kwargs in sink:
