@@ -32,7 +32,8 @@ positive = dropped) over the web texts whose image carries a ``noisy`` label (``
 into each sample's ``.json``; CapFilt copies it into ``NAME.scores.jsonl``).
 
 Cost: one pass over ``NAME.scores.jsonl``, shards spread over ``workers`` processes; 1M images without
-thumbnails build in ~25 s on 2 cores (tests/test_capfilt_viewer.py measures it).
+thumbnails build in ~6 s on 2 idle cores, ~13 s in one process (measured 2026-11-28 on this project's 2-core
+machine; tests/test_capfilt_viewer.py asserts the issue's bound, < 60 s).
 """
 
 from __future__ import annotations
@@ -521,7 +522,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fastblip capfilt view OUTPUT_DIR [options]",
                              "a static HTML viewer of a CapFilt output (opens from file://, no server)")
     g.add_argument("--out", metavar="DIR", help="viewer directory (default OUTPUT_DIR/view)")
-    g.add_argument("--no-thumbnails", action="store_true", help="no thumbnails (fast: 1M images in ~25 s)")
+    g.add_argument("--no-thumbnails", action="store_true", help="no thumbnails (1M images in ~6-13 s on 2 cores)")
     g.add_argument("--threshold", type=float, metavar="T",
                    help="the run's threshold (CapFilt does not record it; default: inferred from the verdicts)")
 
