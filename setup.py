@@ -34,6 +34,7 @@ setup(
         "pyyaml",
         "tqdm",
         "matplotlib",
+        "tensorboard",  # train.tensorboard: event files through torch.utils.tensorboard's SummaryWriter
     ],
     extras_require={
         "test": [

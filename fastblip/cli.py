@@ -43,11 +43,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Stderr(logging.StreamHandler):
+    """A console handler that writes to the current ``sys.stderr`` (tests and tqdm swap it)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__/setStream assign it; the property always reads sys.stderr
+        pass
+
+
+class _Format(logging.Formatter):
+    """``12:03:41 WARNING fastblip.data: ...``; the run's own lines (``fastblip.run``) without level and name."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from fastblip.train.progress import RUN_LOG
+
+        if record.name == RUN_LOG and record.levelno == logging.INFO:
+            return f"{self.formatTime(record, self.datefmt)} {record.getMessage()}"
+        return super().format(record)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """What a command prints besides its result, on stderr: warnings; the run's own account (``fastblip.run``:
+    progress lines, evaluations, checkpoints written) as plain timestamped lines; the library's INFO and DEBUG
+    (which backend, which file, how many tensors) only with ``-v``. Other packages' INFO stays silent."""
+    from fastblip.train.progress import RUN_LOG
+
+    h = _Stderr()
+    h.setFormatter(_Format("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.WARNING, handlers=[h])  # a no-op where logging is configured already
+    logging.getLogger("fastblip").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logging.getLogger(RUN_LOG).setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -60,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exc()
         msg = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message held
-        print(f"fastblip {args.verb}: error: {msg}", file=sys.stderr)
+        verb = " ".join(v for v in (args.verb, getattr(args, "data_cmd", None)) if v)  # `data synth`, `data check`
+        print(f"fastblip {verb}: error: {msg}", file=sys.stderr)
         return 1
 
 

@@ -51,9 +51,9 @@ def run_data(args) -> int:
             r = make_synthetic(args.out, args.num, args.noise, args.seed, image_size=args.image_size,
                                human=args.human, eval_num=args.eval_num, shard_size=args.shard_size)  # fmt: skip
         except ValueError as e:  # make_synthetic's own argument checks (num, noise, sizes)
-            raise InputError(f"data synth: {e}") from None
+            raise InputError(str(e)) from None
         except OSError as e:
-            raise InputError(f"data synth: cannot write {args.out} ({e.strerror or e})") from None
+            raise InputError(f"cannot write {args.out} ({e.strerror or e})") from None
         if args.json:
             print(json.dumps(r))
         else:
@@ -75,10 +75,11 @@ def run_data(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastblip")
     add_data_parser(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(argv)
     try:
-        return run_data(parser.parse_args(argv))
-    except FastblipError as e:  # the same one-line policy as fastblip.cli
-        print(f"fastblip data: error: {e}", file=sys.stderr)
+        return run_data(args)
+    except FastblipError as e:  # the same one-line policy and prefix as fastblip.cli
+        print(f"fastblip data {args.data_cmd}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
 
 

@@ -96,6 +96,8 @@ class TrainSection:
     keep_last: int = 3
     log_every: int = 50
     eval_every_epoch: bool = True
+    eval_at_end: bool = True  # eval_every_epoch false: evaluate data.eval once after the last step (final metrics)
+    tensorboard: bool = False  # TensorBoard event files in out_dir/tensorboard (fastblip.train.progress)
     out_dir: str = "runs/pretrain"
     distributed: str = "ddp"  # ddp | fsdp2
 
