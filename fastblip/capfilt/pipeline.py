@@ -10,8 +10,12 @@ Output, per input shard ``NAME.tar`` (written to a temporary name, then renamed;
   ``.jpg`` (the input bytes), ``.txt`` (the text), ``.json`` {caption, source, itm_score, image_id, key,
   noisy?}. ``fastblip pretrain`` reads it as is; the image id keeps an image's pairs together.
 - ``NAME.scores.jsonl``: one line per image with *every* candidate text, its source, score and verdict.
-- ``NAME.manifest.json``: counts (images, skipped by reason, kept/dropped per source, seconds).
-At the end: ``manifest.jsonl`` (one line per shard, input order) and ``totals.json``.
+- ``NAME.manifest.json``: counts (images, skipped by reason, kept/dropped per source, seconds), the ITM scores'
+  sufficient statistics per source (count, sum, sum of squares, min, max, a 100-bin histogram on [0, 1]) and,
+  where the input carries ``noisy`` labels (the synthetic data does), the filter's confusion counts on web texts.
+At the end: ``manifest.jsonl`` (one line per shard, input order) and ``totals.json``: the counts, ITM score
+statistics per source (mean, sd, min, max, p10/p50/p90 from the histogram: ±0.005) and, with labels, the filter's
+precision and recall at removing noisy web texts (``filter_quality``); the CLI prints them.
 
 The bootstrapped pretraining set (paper §3.3) = human-annotated pairs + these shards (filtered web + filtered
 synthetic): list both under ``data.train`` of a pretraining recipe (see recipes/capfilt.yaml).
@@ -95,6 +99,66 @@ def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
 def shard_name(url: str) -> str:
     base = url.rstrip("/").rpartition("/")[2]
     return base[:-4] if base.endswith(".tar") else base
+
+
+SCORE_BINS = 100  # ITM match probabilities in [0, 1] binned 0.01 wide: the quantiles in totals.json to +-0.005
+
+
+def score_stats() -> dict:
+    """Sufficient statistics of a set of ITM scores (mergeable across shards)."""
+    return {"n": 0, "sum": 0.0, "sumsq": 0.0, "min": None, "max": None, "hist": [0] * SCORE_BINS}
+
+
+def add_score(st: dict, s: float) -> None:
+    st["n"] += 1
+    st["sum"] += s
+    st["sumsq"] += s * s
+    st["min"] = s if st["min"] is None else min(st["min"], s)
+    st["max"] = s if st["max"] is None else max(st["max"], s)
+    st["hist"][min(SCORE_BINS - 1, max(0, int(s * SCORE_BINS)))] += 1
+
+
+def merge_stats(a: dict, b: dict) -> dict:
+    lo = [v for v in (a["min"], b["min"]) if v is not None]
+    hi = [v for v in (a["max"], b["max"]) if v is not None]
+    return {"n": a["n"] + b["n"], "sum": a["sum"] + b["sum"], "sumsq": a["sumsq"] + b["sumsq"],
+            "min": min(lo) if lo else None, "max": max(hi) if hi else None,
+            "hist": [x + y for x, y in zip(a["hist"], b["hist"])]}
+
+
+def _quantile(hist: list[int], n: int, q: float, lo: float, hi: float) -> float:
+    """The q-quantile from the histogram, linear inside its bin, clamped to the observed [lo, hi]."""
+    target, cum = q * n, 0
+    for i, c in enumerate(hist):
+        if c and cum + c >= target:
+            return min(hi, max(lo, (i + (target - cum) / c) / len(hist)))
+        cum += c
+    return hi
+
+
+def summarize_scores(st: dict) -> dict:
+    """{n, mean, sd, min, max, p10, p50, p90} of ``score_stats``; the figures are None without scores."""
+    n = st["n"]
+    if not n:
+        return {"n": 0, "mean": None, "sd": None, "min": None, "max": None, "p10": None, "p50": None, "p90": None}
+    mean = st["sum"] / n
+    sd = max(0.0, st["sumsq"] / n - mean * mean) ** 0.5
+    qs = {f"p{int(q * 100)}": round(_quantile(st["hist"], n, q, st["min"], st["max"]), 4) for q in (0.1, 0.5, 0.9)}
+    return {"n": n, "mean": round(mean, 4), "sd": round(sd, 4), "min": round(st["min"], 4),
+            "max": round(st["max"], 4), **qs}
+
+
+def filter_quality(c: dict) -> dict | None:
+    """The filter at *removing noisy web texts*, from confusion counts over web texts with a ``noisy`` label
+    (tp: noisy and dropped, fp: clean and dropped, fn: noisy and kept, tn: clean and kept). None without labels.
+    precision = tp / dropped; recall = tp / noisy; dropping at random has precision = the noise rate."""
+    n = c["tp"] + c["fp"] + c["fn"] + c["tn"]
+    if not n:
+        return None
+    ratio = lambda a, b: round(a / b, 4) if b else None  # noqa: E731
+    return {"labelled_web_texts": n, "noise_rate": ratio(c["tp"] + c["fn"], n),
+            "precision": ratio(c["tp"], c["tp"] + c["fp"]), "recall": ratio(c["tp"], c["tp"] + c["fn"]),
+            "kept_clean_fraction": ratio(c["tn"], c["tn"] + c["fn"]), **{k: c[k] for k in ("tp", "fp", "fn", "tn")}}
 
 
 def expand_input(spec: str) -> list[str]:
@@ -285,6 +349,8 @@ def process_shard(engine: CapFilt, shard_in: ShardInput, out_dir: Path, crash_no
     members: list[tuple[str, bytes]] = []
     score_lines: list[str] = []
     counts = {"web": {"kept": 0, "dropped": 0}, "synthetic": {"kept": 0, "dropped": 0}}
+    scores = {"web": score_stats(), "synthetic": score_stats()}
+    confusion = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}  # web texts with a noisy label; positive = dropped
     items = shard_in.items
     for a in range(0, len(items), r.batch_size):
         batch = items[a:a + r.batch_size]
@@ -293,7 +359,12 @@ def process_shard(engine: CapFilt, shard_in: ShardInput, out_dir: Path, crash_no
             line = {"key": it.key, "image_id": iid, "noisy": it.meta.get("noisy"), "texts": []}
             for src, text, s in res["texts"]:
                 keep = s >= r.threshold and bool(text)
-                counts["web" if src == "web" else "synthetic"]["kept" if keep else "dropped"] += 1
+                kind = "web" if src == "web" else "synthetic"
+                counts[kind]["kept" if keep else "dropped"] += 1
+                add_score(scores[kind], s)
+                if kind == "web" and it.meta.get("noisy") is not None:
+                    noisy = bool(it.meta["noisy"])
+                    confusion[("f" if noisy == keep else "t") + ("n" if keep else "p")] += 1
                 line["texts"].append({"source": src, "text": text, "itm_score": s, "kept": keep})
                 if keep:
                     k = f"{it.key}_{src}"
@@ -307,7 +378,7 @@ def process_shard(engine: CapFilt, shard_in: ShardInput, out_dir: Path, crash_no
     secs = time.perf_counter() - t0
     manifest = {"shard": name, "input": shard_in.url, "images": len(items), "pairs": len(members) // 3,
                 "skipped": dict(sorted(shard_in.skipped.items())), "web_missing": shard_in.missing_text,
-                **counts, "fingerprint": fingerprint}
+                **counts, "itm_scores": scores, "noise_labels": confusion, "fingerprint": fingerprint}
     tar_path = out_dir / f"{name}.tar"
     if crash_now:  # test hook: die with the shard half-written (a temp file left behind, nothing renamed)
         (out_dir / f"{name}.tar.tmp{os.getpid()}").write_bytes(_tar_bytes(members)[:1024])
@@ -394,10 +465,14 @@ def _crash_after(rank: int) -> int | None:
 
 
 def collect(out_dir: Path, urls: list[str]) -> dict:
-    """manifest.jsonl (input order) + totals.json from the per-shard manifests; returns the totals."""
+    """manifest.jsonl (input order) + totals.json from the per-shard manifests; returns the totals: counts,
+    ``itm_scores`` per source (``summarize_scores``) and ``filter`` (``filter_quality``: None without labels)."""
     lines, totals = [], {"shards": 0, "images": 0, "pairs": 0, "skipped": {}, "web_missing": 0,
                          "web": {"kept": 0, "dropped": 0}, "synthetic": {"kept": 0, "dropped": 0},
                          "missing_shards": []}
+    stats = {"web": score_stats(), "synthetic": score_stats()}
+    confusion = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
+    without_stats = 0  # shards written by a fastblip before the statistics
     for u in urls:
         p = out_dir / f"{shard_name(u)}.manifest.json"
         if not is_done(out_dir, u):  # no done marker, or half its outputs: not done
@@ -413,9 +488,56 @@ def collect(out_dir: Path, urls: list[str]) -> dict:
                 totals[src][k] += m[src][k]
         for k, v in m["skipped"].items():
             totals["skipped"][k] = totals["skipped"].get(k, 0) + v
+        if "itm_scores" not in m:
+            without_stats += 1
+            continue
+        for src in stats:
+            stats[src] = merge_stats(stats[src], m["itm_scores"][src])
+        for k in confusion:
+            confusion[k] += m["noise_labels"][k]
+    totals["itm_scores"] = {src: summarize_scores(st) for src, st in stats.items()}
+    totals["filter"] = filter_quality(confusion)
+    if without_stats:
+        totals["shards_without_statistics"] = without_stats
     _atomic_write(out_dir / "manifest.jsonl", "".join(s + "\n" for s in lines).encode())
     _atomic_write(out_dir / "totals.json", json.dumps(totals, indent=1, sort_keys=True).encode())
     return totals
+
+
+def _pct(a: int, b: int) -> str:
+    return f"{100.0 * a / b:.1f}%" if b else "n/a"
+
+
+def format_totals(totals: dict, out_dir: str | Path) -> str:
+    """The totals as a person reads them (``fastblip capfilt`` without ``--json``)."""
+    t = totals
+    lines = [f"capfilt: {t['images']} images in {t['shards']} shards -> {t['pairs']} kept (image, text) pairs "
+             f"in {out_dir}"]
+    for src in ("web", "synthetic"):
+        c = t[src]
+        n = c["kept"] + c["dropped"]
+        sc = (t.get("itm_scores") or {}).get(src) or {}
+        score = (f"; ITM match probability mean {sc['mean']:.3f}, sd {sc['sd']:.3f}, p10/p50/p90 {sc['p10']:.3f}/"
+                 f"{sc['p50']:.3f}/{sc['p90']:.3f}, min {sc['min']:.3f}, max {sc['max']:.3f}") if sc.get("n") else ""
+        lines.append(f"  {src} texts: kept {c['kept']} of {n} ({_pct(c['kept'], n)}){score}")
+    f = t.get("filter")
+    if f:
+        fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        lines.append(f"  filter against the noise labels ({f['labelled_web_texts']} web texts, {fmt(f['noise_rate'])} "
+                     f"noisy): precision {fmt(f['precision'])}, recall {fmt(f['recall'])} at dropping noisy texts "
+                     f"(dropping at random: precision = the noise rate)")
+    else:
+        lines.append("  filter precision/recall: the input has no noise labels ('noisy' in the samples' .json)")
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(t["skipped"].items())) or "none"
+    lines.append(f"  skipped samples: {skipped}; images without a web text: {t['web_missing']}")
+    if t.get("shards_without_statistics"):
+        lines.append(f"  ({t['shards_without_statistics']} shards were written by an older fastblip: no score "
+                     "statistics or labels counted for them)")
+    if t["missing_shards"]:
+        lines.append(f"  missing or unreadable input shards: {', '.join(t['missing_shards'][:5])}"
+                     f"{' ...' if len(t['missing_shards']) > 5 else ''}")
+    lines.append(f"  wrote {Path(out_dir) / 'totals.json'} and {Path(out_dir) / 'manifest.jsonl'}")
+    return "\n".join(lines)
 
 
 def run_capfilt(recipe: CapfiltRecipe, *, captioner=None, filter_model=None, rank: int = 0, world_size: int = 1,
@@ -459,36 +581,47 @@ def _run(recipe: CapfiltRecipe, urls: list[str], captioner, filter_model, rank: 
     mine = [u for i, u in enumerate(urls) if i % world_size == rank]
     todo = [u for u in mine if not is_done(out_dir, u, fp)]
     crash_after = _crash_after(rank)
-    log.info("capfilt rank %d/%d: %d shards, %d already done, %d to do", rank, world_size, len(mine),
-             len(mine) - len(todo), len(todo))
-    bar = None
-    if recipe.progress and rank == 0:
-        from tqdm import tqdm
+    from fastblip.train.progress import RUN_LOG, Progress, want_bar
 
-        bar = tqdm(total=len(todo), unit="shard", desc="capfilt", dynamic_ncols=True)
+    if rank == 0:
+        logging.getLogger(RUN_LOG).info("capfilt: %d input shards on %d rank(s); rank 0: %d already done, %d to do",
+                                        len(urls), world_size, len(mine) - len(todo), len(todo))
+    # rank 0: a bar on a terminal (recipe key progress), else a line per shard, at most one per 10 s
+    bar = Progress("capfilt", len(todo), unit="shard", bar=want_bar(recipe.progress)) if rank == 0 else None
+    seen = {"web": [0, 0], "synthetic": [0, 0]}  # this run's [kept, scored] texts: what the bar shows
     tf = eval_transform(recipe.image_size)
     lim = (recipe.max_image_bytes, recipe.max_text_bytes)
     n_img, n_done, t0, missing = 0, 0, time.perf_counter(), []
-    with ThreadPoolExecutor(max(1, recipe.num_workers)) as pool, ThreadPoolExecutor(1) as prefetch:
-        nxt = prefetch.submit(read_shard, todo[0], tf, recipe.max_words, pool, *lim) if todo else None
-        for i, _url in enumerate(todo):
-            shard_in = nxt.result()
-            # decode the next shard while this one runs on the accelerator
-            nxt = prefetch.submit(read_shard, todo[i + 1], tf, recipe.max_words, pool, *lim) \
-                if i + 1 < len(todo) else None
-            m = process_shard(engine, shard_in, out_dir, crash_now=crash_after is not None and n_done >= crash_after,
-                              fingerprint=fp)
-            if "missing" in m:
-                missing.append(m["shard"])
-                continue
-            n_img += m["images"]
-            n_done += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(img_s=f"{n_img / (time.perf_counter() - t0):.1f}", kept_web=m["web"]["kept"],
-                                kept_syn=m["synthetic"]["kept"])
-    if bar is not None:
-        bar.close()
+    try:
+        with ThreadPoolExecutor(max(1, recipe.num_workers)) as pool, ThreadPoolExecutor(1) as prefetch:
+            nxt = prefetch.submit(read_shard, todo[0], tf, recipe.max_words, pool, *lim) if todo else None
+            for i, _url in enumerate(todo):
+                shard_in = nxt.result()
+                # decode the next shard while this one runs on the accelerator
+                nxt = prefetch.submit(read_shard, todo[i + 1], tf, recipe.max_words, pool, *lim) \
+                    if i + 1 < len(todo) else None
+                crash_now = crash_after is not None and n_done >= crash_after
+                m = process_shard(engine, shard_in, out_dir, crash_now=crash_now, fingerprint=fp)
+                if "missing" in m:
+                    missing.append(m["shard"])
+                    if bar is not None:
+                        bar.update(1)
+                    continue
+                n_img += m["images"]
+                n_done += 1
+                for src, c in seen.items():
+                    c[0] += m[src]["kept"]
+                    c[1] += m[src]["kept"] + m[src]["dropped"]
+                if bar is not None:
+                    bar.update(1)
+                    ips = n_img / max(time.perf_counter() - t0, 1e-9)
+                    kept = {src: f"{k}/{n}" for src, (k, n) in seen.items()}
+                    bar.show([f"{ips:.1f} img/s", f"kept web {kept['web']} ({_pct(*seen['web'])}), synthetic "
+                              f"{kept['synthetic']} ({_pct(*seen['synthetic'])})"],
+                             {"img_s": f"{ips:.1f}", "kept_web": kept["web"], "kept_syn": kept["synthetic"]})
+    finally:
+        if bar is not None:
+            bar.close()
     secs = time.perf_counter() - t0
     return {"shards": n_done, "images": n_img, "seconds": secs, "images_per_sec": n_img / secs if secs else 0.0,
             "skipped_done": len(mine) - len(todo), "missing": missing}
