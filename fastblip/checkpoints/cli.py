@@ -40,7 +40,9 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=run_score)
 
     p = sub.add_parser("convert", help="convert a checkpoint between fastblip, official .pth and HF formats",
-                       description="Convert SRC (fastblip dir, official .pth, HF dir, released name) to DST.")
+                       description="Convert SRC (fastblip dir, official .pth, HF dir, released name) to DST: a "
+                                   "directory (fastblip, hf) or a .pth file (official; .pth is added when DST has "
+                                   "no .pth/.pt suffix).")
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST")
     p.add_argument("--to", required=True, choices=("fastblip", "official", "hf"), help="output format")
@@ -197,13 +199,29 @@ def run_migrate(args) -> int:
     return 0
 
 
+def official_path(dst: str) -> str:
+    """An official checkpoint is a ``.pth`` file (what the official code, and ``fastblip.load``, look for): DST
+    without ``.pth``/``.pt`` gets ``.pth`` (``model`` -> ``model.pth``; it wrote an extensionless file)."""
+    p = Path(dst)
+    if p.suffix.lower() in (".pth", ".pt") or p.is_dir():
+        return dst  # a directory is refused by save, with its own message
+    return dst + ".pth"
+
+
 def run_convert(args) -> int:
     import fastblip
 
+    dst = official_path(args.dst) if args.to == "official" else args.dst
     model = fastblip.load(args.src, image_size=args.image_size)
-    dst = fastblip.save(model, args.dst, format=args.to)
+    dst = fastblip.save(model, dst, format=args.to)
     if args.json:
         print(json.dumps({"src": args.src, "dst": str(dst), "format": args.to, "kind": model.cfg.kind}))
     else:
-        print(f"wrote {args.to} checkpoint ({model.cfg.kind}) to {dst}", file=sys.stderr)
+        note = ""
+        if args.to == "hf":
+            from fastblip.checkpoints.hf import not_in_hf
+
+            left_out = not_in_hf(model)
+            note = f" (left out training-only tensors HF has no place for: {', '.join(left_out)})" if left_out else ""
+        print(f"wrote {args.to} checkpoint ({model.cfg.kind}) to {dst}{note}", file=sys.stderr)
     return 0

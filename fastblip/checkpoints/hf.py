@@ -179,23 +179,31 @@ _NOT_IN_HF = ("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_pr
               "text_queue", "idx_queue", "ptr_queue", "queue_ptr", "temp")
 
 
+def not_in_hf(model) -> list[str]:
+    """The model's training-only tensors that no HF BLIP class has (momentum encoders, queues, the ITC
+    temperature), by top-level name: what an HF export leaves out. Inference does not use them (the contract's
+    ``itc_similarity`` is a plain cosine)."""
+    return sorted({k.split(".")[0] for k in model.state_dict() if k.startswith(_NOT_IN_HF)})
+
+
 def save_hf_dir(model, path: Path) -> Path:
     """Write the HF directory into ``path`` as is (``fastblip.save`` gives a temp directory it then renames)."""
-    from safetensors.torch import save_file
+    from fastblip.checkpoints.io import save_safetensors
 
     conf = hf_config_dict(model)
-    sd, dropped = {}, set()
+    sd = {}
     for k, t in model.state_dict().items():
         if k.startswith(_NOT_IN_HF):
-            dropped.add(k.split(".")[0])
             continue
         if k in ("text_decoder.cls.predictions.decoder.weight", "text_decoder.cls.predictions.decoder.bias"):
             continue  # tied (HF re-ties them from word_embeddings / predictions.bias, as its own files do)
         sd[ours_to_hf(k)] = t.detach().cpu().clone().contiguous()
-    if dropped:
-        log.warning("HF %s has no %s: not written", conf["architectures"][0], ", ".join(sorted(dropped)))
+    left_out = not_in_hf(model)
+    if left_out:  # expected: HF's classes are inference models (INFO: shown with -v; convert names them)
+        log.info("HF %s export leaves out training-only tensors it has no place for: %s", conf["architectures"][0],
+                 ", ".join(left_out))
     path.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(sd, path / "model.safetensors", metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(conf, indent=2))
     model.tokenizer.save(path)
     return path

@@ -269,14 +269,35 @@ def config_from_dict(d, source: str) -> ModelConfig:
         raise CheckpointError(msg if msg.startswith(source) else f"{source}: {msg}") from None
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux tells it (os.umask sets it process-wide)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> Path:
+    """``safetensors.torch.save_file`` with the file mode every other file of the checkpoint gets (0644 under the
+    usual umask 022): safetensors 0.8 writes through a private temp file and leaves its 0600."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+    return path
+
+
 def write_fastblip_files(model: nn.Module, path: Path, extra: dict | None = None) -> Path:
     """``fastblip.json`` + ``model.safetensors`` (tied tensors once) + tokenizer files into ``path`` as is
     (callers write into a temp directory and publish it); ``extra``: more JSON files, name -> object."""
-    from safetensors.torch import save_file
-
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.cpu() for k, v in unique_state_dict(model).items()}
-    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt", "kind": model.cfg.kind})
+    save_safetensors(tensors, path / WEIGHTS_NAME, metadata={"format": "pt", "kind": model.cfg.kind})
     (path / CONFIG_NAME).write_text(model.cfg.to_json())
     model.tokenizer.save(path)
     for name, obj in (extra or {}).items():
