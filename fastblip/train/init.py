@@ -79,6 +79,34 @@ def load_matching(model: nn.Module, state: dict) -> dict:
     return {"loaded": loaded, "dropped": dropped, "missing": missing}
 
 
+def report_init_from(source: str, kind: str, rep: dict) -> None:
+    """What ``init_from`` did, phrased as what it is. Starting a task model from another task's checkpoint
+    leaves out whole modules the task has no place for (a caption model has no text encoder or ITM head: 156
+    tensors of a pretraining checkpoint) and starts new ones fresh (a task head, a queue pointer): expected,
+    as the official ``load_checkpoint`` does, so one line on the run's log (``fastblip.run``). Tensors present
+    in both with another shape (other than the interpolated pos-embed) are a warning: the checkpoint may not be
+    the model it is meant to be, and so is a checkpoint of which nothing fits."""
+    from fastblip.train.progress import RUN_LOG
+
+    unused = [k for k in rep["dropped"] if k.endswith("(not in model)")]
+    misfit = [k for k in rep["dropped"] if not k.endswith("(not in model)")]
+    parts = [f"init_from {source}: loaded {len(rep['loaded'])} tensors"]
+    if unused:
+        parts.append(f"{len(unused)} tensors of parts a {kind} model does not have, not used: "
+                     f"{summarize_keys(unused)}")
+    if rep["missing"]:
+        parts.append(f"{len(rep['missing'])} the checkpoint does not have, initialised fresh: "
+                     f"{summarize_keys(rep['missing'])}")
+    logging.getLogger(RUN_LOG).info("%s", "; ".join(parts))
+    if misfit:
+        shown = ", ".join(misfit[:4]) + (f", ... {len(misfit) - 4} more" if len(misfit) > 4 else "")
+        log.warning("init_from %s: %d tensors have another shape in the %s model and were not loaded: %s", source,
+                    len(misfit), kind, shown)
+    if not rep["loaded"]:
+        log.warning("init_from %s: no tensor of the checkpoint fits the %s model: it trains from its random "
+                    "initialisation", source, kind)
+
+
 @torch.no_grad()
 def copy_momentum(model: nn.Module) -> None:
     """Momentum encoders := online encoders (after loading pretrained weights into the online ones)."""
@@ -116,11 +144,7 @@ def build_and_init(recipe: Recipe) -> nn.Module:
 
             state = nlvr_init_from_pretrained(state)
         rep = load_matching(model, state)
-        log.info("init_from %s: loaded %d tensors, dropped %d, missing %d", m.init_from, len(rep["loaded"]),
-                 len(rep["dropped"]), len(rep["missing"]))
-        if rep["dropped"]:
-            log.warning("init_from: dropped %d tensors the model has no place for: %s", len(rep["dropped"]),
-                        summarize_keys(rep["dropped"]))
+        report_init_from(m.init_from, getattr(model, "kind", None) or "task", rep)
         has_m = any(k.startswith("visual_encoder_m.") for k in rep["loaded"])
         touched = touched or not has_m
     if touched:
