@@ -46,7 +46,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from fastblip.train.distributed import init_distributed
     from fastblip.train.rundir import acquire_lock, on_rank0
 
-    info = init_distributed()
+    from fastblip.config import check_device
+
+    check_device(args.device)  # `--device cuda` on a machine without one: one line, before loading anything
+    info = init_distributed(args.device)
     rank, world, device = info.rank, info.world_size, info.device
     lock = None
     if recipe.task in WRITES_OUT_DIR:
@@ -75,3 +78,4 @@ def add_parsers(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, dotted keys")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.set_defaults(func=run_eval)
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
