@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import platform
 import statistics
 import time
@@ -77,26 +78,51 @@ def peak_tflops(device: str) -> float | None:
     return None
 
 
+# columns that only a CUDA device measures: on CPU they hold None (or a suite's NaN), shown "n/a (CUDA only)"
+CUDA_ONLY = ("peak_mem_mb",)
+
+
+def clean_rows(rows: list[dict]) -> list[dict]:
+    """Rows as written: a non-finite float (a suite's NaN for "not measured") becomes None, so the JSON is valid
+    JSON (``json.dumps`` writes a bare ``NaN`` otherwise) and nothing reads as a measured ``nan``."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+
+    return [{k: clean(v) for k, v in r.items()} for r in rows]
+
+
 def markdown_table(rows: list[dict], cols: list[str] | None = None) -> str:
     if not rows:
         return "(no rows)"
     cols = cols or sorted({k for r in rows for k in r if k != "suite"}, key=lambda c: (c != "impl", c))
 
-    def fmt(v):
+    def fmt(v, col: str = "", row: dict | None = None):
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None
+        if v is None and col in CUDA_ONLY and "error" not in (row or {}):
+            return "n/a (CUDA only)"
         if isinstance(v, float):
             return f"{v:.4g}"
         return "" if v is None else str(v)
 
     head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
-    return head + "\n".join("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows)
+    return head + "\n".join("| " + " | ".join(fmt(r.get(c), c, r) for c in cols) + " |" for r in rows)
 
 
 def write_results(suite: str, rows: list[dict], env: dict, size: str, out_dir: Path = RESULTS) -> Path:
     """JSON + markdown under benchmarks/results/, named by suite, size, device and date."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    rows = clean_rows(rows)
     dev = env.get("gpu", env["device"]).replace(" ", "-")
     stem = f"{suite}_{size}_{dev}_{env['date'][:10]}"
-    (out_dir / f"{stem}.json").write_text(json.dumps({"env": env, "size": size, "rows": rows}, indent=2))
+    (out_dir / f"{stem}.json").write_text(json.dumps({"env": env, "size": size, "rows": rows}, indent=2,
+                                                     allow_nan=False))
     md = f"# {suite} ({size})\n\n" + "\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n\n"
     (out_dir / f"{stem}.md").write_text(md + markdown_table(rows) + "\n")
     return out_dir / f"{stem}.json"
