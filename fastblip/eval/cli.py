@@ -77,5 +77,5 @@ def add_parsers(sub) -> None:
     p.add_argument("--recipe", required=True, help="YAML recipe (task, model.init_from, data.eval, ...)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, dotted keys")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
-    p.set_defaults(func=run_eval)
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.set_defaults(func=run_eval)
