@@ -8,7 +8,8 @@
 6. evaluate both pretrained models on the eval split: retrieval R@1/R@5 both ways (ITC + ITM re-ranking) and,
    with the ``eval`` extra, BLEU-4 / CIDEr of their captions;
 7. print the before/after table and the filter's precision/recall against the known noise, write
-   ``report.json`` and ``report.png`` (loss curves + metric bars).
+   ``report.json`` and ``report.png`` (retrieval recall, caption metrics and the filter on their own axes, and
+   each pretraining run's loss on its own data), and the CapFilt viewer (``capfilt/view/index.html``).
 
 Every figure in the report is what this run measured; nothing is asserted into it.
 """
@@ -16,8 +17,13 @@ Every figure in the report is what this run measured; nothing is asserted into i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
+import re
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +86,7 @@ def _recipe(task: str, out: Path, train: list, eval_: list, epochs: int, bs: int
                          prompt=prompt, resampled=resampled, batches_per_epoch=batches_per_epoch),
         train=TrainSection(epochs=epochs, max_steps=max_steps, lr=lr, min_lr=1e-5, warmup_steps=10, warmup_lr=1e-5,
                            schedule=schedule, alpha=0.4, alpha_ramp_epochs=alpha_ramp, seed=42, log_every=5,
-                           keep_last=1, eval_every_epoch=False, out_dir=str(out)),
+                           keep_last=1, eval_every_epoch=False, eval_at_end=False, out_dir=str(out)),
         task_options={},
     )
 
@@ -103,6 +109,33 @@ def _losses(run_dir: Path) -> list[dict]:
     return [r for r in rows if "loss" in r and "eval" not in r]
 
 
+@contextlib.contextmanager
+def _without_ptb_chatter():
+    """The PTB tokenizer (pycocoevalcap's Java program) writes "PTBTokenizer tokenized N tokens at ..." straight
+    to file descriptor 2 on every call; the demo's log keeps everything else that is written there meanwhile."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stderr (captured): nothing reaches a terminal
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            rest = [ln for ln in tmp.read().decode(errors="replace").splitlines(True)
+                    if not ln.startswith("PTBTokenizer tokenized")]
+            if rest:
+                sys.stderr.write("".join(rest))
+                sys.stderr.flush()
+
+
 def _evaluate(model, eval_json: str, with_captions: bool) -> dict:
     from fastblip.data.loader import build_loader
     from fastblip.eval.retrieval import evaluate_retrieval
@@ -113,7 +146,8 @@ def _evaluate(model, eval_json: str, with_captions: bool) -> dict:
         from fastblip.eval.caption_metrics import evaluate_captions
 
         loader = build_loader([eval_json], image_size=IMAGE, batch_size=64, train=False, num_workers=0)
-        out.update(evaluate_captions(model, loader, prompt=""))  # pretraining decoder: no prompt
+        with _without_ptb_chatter():
+            out.update(evaluate_captions(model, loader, prompt=""))  # pretraining decoder: no prompt
     return out
 
 
@@ -151,35 +185,94 @@ def _has_caption_metrics() -> bool:
         return False
 
 
-def _plot(report: dict, path: Path) -> None:
-    import matplotlib
+# one name per run everywhere (table, plot legends, report keys of the loss curves map onto them)
+BEFORE = "pretrained on human + noisy web"
+AFTER = "pretrained on the bootstrapped set"
+CURVE_LABELS = {"human + noisy web": BEFORE, "bootstrapped": AFTER}
+RETRIEVAL_KEYS = ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, curve in report["loss_curves"].items():
-        if curve:
-            ax1.plot([r["step"] for r in curve], [r["loss"] for r in curve], label=name)
-    ax1.set_xlabel("optimiser step")
-    ax1.set_ylabel("loss (itc + itm + lm)")
-    ax1.set_title("pretraining loss")
-    ax1.legend()
-    keys = [k for k in ("txt_r1", "txt_r5", "img_r1", "img_r5", "bleu4", "cider") if k in report["before"]]
+def _bars(ax, keys: list[str], report: dict, fmt: str) -> None:
+    """Before/after bars of ``keys`` with their values written on them (small differences stay readable)."""
     x = range(len(keys))
-    ax2.bar([i - 0.2 for i in x], [report["before"][k] for k in keys], width=0.4, label="noisy web + human")
-    ax2.bar([i + 0.2 for i in x], [report["after"][k] for k in keys], width=0.4, label="bootstrapped (CapFilt)")
-    ax2.set_xticks(list(x), keys)
-    ax2.set_title("eval split")
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    for off, side, label, color in ((-0.2, "before", BEFORE, "tab:gray"), (0.2, "after", AFTER, "tab:blue")):
+        vals = [report[side][k] for k in keys]
+        bars = ax.bar([i + off for i in x], vals, width=0.4, label=label, color=color)
+        ax.bar_label(bars, labels=[fmt.format(v) for v in vals], fontsize=7, padding=1)
+    ax.set_xticks(list(x), keys)
+    ax.margins(y=0.15)
+
+
+def _plot(report: dict, path: Path) -> None:
+    """report.png: the pretraining losses (each on its own data), retrieval recall, BLEU-4 and CIDEr, and the
+    filter, each on its own axis; one legend for the two runs."""
+    quiet = logging.getLogger("matplotlib")  # "building the font cache" on a first run, font fallbacks
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        caption = "bleu4" in report["before"]
+        fig = plt.figure(figsize=(13, 8))
+        outer = fig.add_gridspec(2, 1)
+        row1 = outer[0].subgridspec(1, 2, width_ratios=(2, 1))
+        row2 = outer[1].subgridspec(1, 3, width_ratios=(3, 1, 1)) if caption else outer[1].subgridspec(1, 1)
+        ax_loss, ax_filter = fig.add_subplot(row1[0]), fig.add_subplot(row1[1])
+        ax_ret = fig.add_subplot(row2[0])
+        for name, curve in report["loss_curves"].items():
+            if curve:
+                ax_loss.plot([r["step"] for r in curve], [r["loss"] for r in curve],
+                             label=CURVE_LABELS.get(name, name), color="tab:gray" if name != "bootstrapped"
+                             else "tab:blue")
+        ax_loss.set_xlabel("optimiser step")
+        ax_loss.set_ylabel("training loss (itc + itm + lm)")
+        ax_loss.set_title("pretraining loss, each run on its own training data: not comparable across the runs\n"
+                          "(the bootstrapped set holds fewer wrong captions, so its loss is lower for that reason too)",
+                          fontsize=9)
+
+        _bars(ax_ret, list(RETRIEVAL_KEYS), report, "{:.1f}")
+        ax_ret.set_ylabel("recall (%)")
+        ax_ret.set_ylim(0, 100)
+        ax_ret.set_title("retrieval on the eval split (R@k; r_mean: mean of R@1/5/10 both ways)", fontsize=9)
+        if caption:
+            ax_bleu, ax_cider = fig.add_subplot(row2[1]), fig.add_subplot(row2[2])
+            _bars(ax_bleu, ["bleu4"], report, "{:.3f}")
+            ax_bleu.set_ylabel("BLEU-4 (0-1)")
+            ax_bleu.set_title("captions: BLEU-4", fontsize=9)
+            _bars(ax_cider, ["cider"], report, "{:.3f}")
+            ax_cider.set_ylabel("CIDEr")
+            ax_cider.set_title("captions: CIDEr", fontsize=9)
+
+        f = report["filter"]
+        names = [("precision", "precision"), ("recall", "recall"), ("kept_clean_fraction", "clean among kept")]
+        shown = [(label, f[k]) for k, label in names if f.get(k) is not None]
+        if shown:
+            bars = ax_filter.bar([n for n, _ in shown], [v for _, v in shown], color="tab:green")
+            ax_filter.bar_label(bars, labels=[f"{v:.3f}" for _, v in shown], fontsize=7, padding=1)
+        if f.get("noise_rate") is not None:
+            ax_filter.axhline(f["noise_rate"], color="tab:red", ls="--", lw=1,
+                              label=f"noise rate {f['noise_rate']:.2f} (precision of a random filter)")
+            ax_filter.legend(loc="upper center", fontsize=7)
+        ax_filter.set_ylim(0, 1.25)
+        ax_filter.set_ylabel("fraction (0-1)")
+        ax_filter.set_title(f"CapFilt filter on {f['web_texts']} web captions\n(dropping the noisy ones)",
+                            fontsize=9)
+
+        handles, labels = ax_ret.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", ncol=2, frameon=False)
+        fig.tight_layout(rect=(0, 0, 1, 0.95))
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    finally:
+        quiet.setLevel(level)
 
 
 def _table(report: dict) -> str:
     b, a = report["before"], report["after"]
-    lines = ["| metric | pretrained on human + noisy web | pretrained on bootstrapped set |", "|---|---:|---:|"]
+    lines = [f"| metric | {BEFORE} | {AFTER} |", "|---|---:|---:|"]
     for k in ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean", "bleu4", "cider"):
         if k in b:
             lines.append(f"| {k} | {b[k]:.2f} | {a[k]:.2f} |")
@@ -281,17 +374,22 @@ def _run_demo(out: Path, bud: Budget, budget: str, seed: int, progress: bool) ->
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("demo", help="BLIP's bootstrapping gain in miniature on synthetic data (CPU, minutes)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=re.sub(r"``([^`]+)``", r"\1", __doc__),  # the docstring's RST marks, not --help's
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
     p.add_argument("--budget", default="small", choices=tuple(BUDGETS), help="tiny (CI), small (default), medium")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the report as JSON at the end")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or per-step lines: only a line "
+                   "per stage and the report")
     p.set_defaults(func=_cli)
 
 
 def _cli(args) -> int:
-    logging.getLogger("fastblip").setLevel(logging.WARNING)
+    if args.no_progress:  # the training stages' lines (fastblip.run): a bar on a terminal, else one per 10 s
+        from fastblip.train.progress import RUN_LOG
+
+        logging.getLogger(RUN_LOG).setLevel(logging.WARNING)
     report = run_demo(args.out, args.budget, args.seed, progress=not args.no_progress)
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "loss_curves"}))
