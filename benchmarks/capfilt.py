@@ -70,7 +70,7 @@ def run(device: str = "cpu", size: str = "tiny", batch: int | None = None, reps:
     import fastblip
     from fastblip.capfilt.pipeline import CapFilt, Item
     from fastblip.capfilt.recipe import CapfiltRecipe
-    from fastblip.models.blip import build_model
+    from fastblip.models import build_model
 
     dev = torch.device(device)
     # CPU: the batch two cores get through in about a minute per implementation (a side-by-side ratio, not a

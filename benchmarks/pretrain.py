@@ -208,7 +208,7 @@ def run(device: str = "cpu", size: str = "tiny", steps: int | None = None, batch
         warmup: int | None = None, only: str | None = None) -> list[dict]:
     """Rows {suite, impl, size, batch, images_per_sec, ratio_vs_reference, gflop_ref, gflop_exec, mfu,
     mfu_exec, peak_mem_mb, device, backends}. ``only``: comma-separated row names to run (reference always)."""
-    from fastblip.models.blip import build_model
+    from fastblip.models import build_model
 
     cfg, default_batch = _config(size)
     batch = batch or default_batch

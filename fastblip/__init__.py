@@ -25,7 +25,7 @@ def __getattr__(name: str):
 
         return Processor
     if name == "build_model":
-        from fastblip.models.blip import build_model
+        from fastblip.models import build_model
 
         return build_model
     if name == "ModelConfig":

@@ -5,7 +5,7 @@ import torch
 
 from fastblip.backends import HAS_FLASH_ATTN, HAS_XFORMERS, BackendUnavailableError, resolve_attention
 from fastblip.config import tiny_config
-from fastblip.models.blip import build_model
+from fastblip.models import build_model
 from fastblip.ops.attention import attention
 
 

@@ -20,7 +20,7 @@ from fastblip.capfilt.pipeline import run_capfilt
 from fastblip.capfilt.recipe import CapfiltRecipe
 from fastblip.config import tiny_config
 from fastblip.data.synth import make_synthetic
-from fastblip.models.blip import build_model
+from fastblip.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

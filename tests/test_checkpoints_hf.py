@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 import fastblip  # noqa: E402
 from fastblip.checkpoints import CheckpointError  # noqa: E402
 from fastblip.config import VisionConfig, tiny_config  # noqa: E402
-from fastblip.models.blip import build_model  # noqa: E402
+from fastblip.models import build_model  # noqa: E402
 
 
 def _hf_cfg(width_v: int = 48):

@@ -14,7 +14,7 @@ import fastblip
 from fastblip.checkpoints import CheckpointDownloadError, CheckpointError, CheckpointNotFoundError
 from fastblip.checkpoints.official import infer_kind
 from fastblip.config import ModelConfig, TextConfig, VisionConfig, tiny_config
-from fastblip.models.blip import build_model
+from fastblip.models import build_model
 from fastblip.models.vit import interpolate_pos_embed
 
 
@@ -265,3 +265,18 @@ def test_nlvr_official_round_trip(tmp_path):
     m2 = fastblip.load(tmp_path / "bare.pth")
     assert m2.cfg.kind == "nlvr"
     assert_same(m, m2)
+
+
+def test_official_itm_state_dict_without_temp_loads(tmp_path):
+    """The official ``BLIP_ITM`` class has no ``temp``: its state dict loads with the official init 0.07 (it
+    failed with "missing 1 tensor(s) for a 'itm' model: temp"), every other tensor as saved."""
+    torch.manual_seed(2)
+    m = build_model(cfg64("itm")).eval()
+    sd = dict(fastblip.checkpoints.official.to_official(m)["model"])
+    del sd["temp"]
+    torch.save({"model": sd}, tmp_path / "itm.pth")
+    m2 = fastblip.load(tmp_path / "itm.pth")
+    assert m2.kind == "itm" and float(m2.temp) == pytest.approx(0.07)
+    for k, v in m.state_dict().items():
+        if k != "temp":
+            assert torch.equal(v, m2.state_dict()[k]), k

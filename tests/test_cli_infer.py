@@ -13,7 +13,7 @@ from PIL import Image
 import fastblip
 import fastblip.cli as cli
 from fastblip.config import tiny_config
-from fastblip.models.blip import build_model
+from fastblip.models import build_model
 
 MY_VERBS = ("fastblip.checkpoints.cli",)  # only this module's verbs: other verb modules are not under test here
 

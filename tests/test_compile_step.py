@@ -23,7 +23,7 @@ import torch
 
 from fastblip.config import tiny_config
 from fastblip.data.batch import Batch
-from fastblip.models.blip import build_model
+from fastblip.models import build_model
 from fastblip.train.step import TrainStep, compile_step, compiled_graphs
 from fastblip.train.syncs import HostSyncCounter
 
@@ -63,7 +63,7 @@ def _train(step: TrainStep, batches: list[Batch]) -> tuple[list[torch.Tensor], d
     torch.manual_seed(123)  # the negatives' sampling draws from the default generator
     for i, batch in enumerate(batches):
         alpha.fill_(0.4 * min(1.0, i / 10))
-        out = step(batch, alpha, first_micro=True)
+        out = step(batch, alpha, update_momentum=True)
         out["loss"].backward()
         losses.append(torch.stack([out[k].detach() for k in sorted(out)]))
         if i == 0:
@@ -124,7 +124,7 @@ def test_training_step_has_no_host_sync(kind, ops):
     batch = _batches(kind, 1, seed=5)[0]
     with HostSyncCounter() as syncs:
         for first in (True, False):  # with and without the momentum update
-            out = step(batch, torch.tensor(0.4), first_micro=first)
+            out = step(batch, torch.tensor(0.4), update_momentum=first)
             out["loss"].backward()
     assert syncs.total == 0, dict(syncs.counts)
 

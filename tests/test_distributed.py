@@ -23,7 +23,7 @@ NEG = [(torch.tensor([1, 2, 3, 0]), torch.tensor([3, 0, 1, 2])), (torch.tensor([
 
 
 def _model():
-    from fastblip.models.blip import build_model
+    from fastblip.models import build_model
 
     cfg = tiny_config(queue_size=16)
     cfg.text.hidden_dropout = cfg.text.attention_dropout = 0.0

@@ -10,7 +10,7 @@ import torch
 
 from fastblip.config import tiny_config
 from fastblip.eval.retrieval import FILL, recall_at_k, score_matrices
-from fastblip.models.blip import build_model
+from fastblip.models import build_model
 
 
 def test_recall_hand_computed():

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from fastblip.config import tiny_config
 from fastblip.data.batch import Batch
-from fastblip.models.blip import build_model, momentum_pairs
+from fastblip.models import build_model
+from fastblip.models.contrastive import momentum_pairs
 from fastblip.ops import itc_loss_reference, momentum_update_, sample_hard_negatives_reference
 
 
@@ -41,7 +42,7 @@ def test_retrieval_step_equals_transcribed_official():
     B, idx = 6, [3, 3, 5, 7, 7, 9]
     batch = _batch(B, idx)
     torch.manual_seed(123)
-    out = model.training_forward(batch, alpha=0.3)
+    out = model.training_step(batch, alpha=0.3, update_momentum=True)
 
     # the official computation, step by step, on the copy (per-pair ITM, no shared K/V)
     ref = before
@@ -88,7 +89,7 @@ def _worker(rank: int, port: int, q) -> None:
     model = _model()
     # rank 0: every local pair has the same image id, so all its negatives must come from rank 1
     batch = _batch(4, [0, 0, 0, 0] if rank == 0 else [1, 2, 3, 4], seed=rank)
-    out = model.training_forward(batch, alpha=0.4)
+    out = model.training_step(batch, alpha=0.4, update_momentum=True)
     # only rank 0's ITM loss counts: any ViT gradient on rank 1 flowed back through the gather
     (out["itm_loss"] * (1.0 if rank == 0 else 0.0)).backward()
     g = model.visual_encoder.patch_embed.proj.weight.grad

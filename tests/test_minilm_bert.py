@@ -57,7 +57,7 @@ def test_minilm_text_encoder_equals_bert(hf_bert):
 
 def test_minilm_into_pretrain_model(hf_bert):
     from fastblip.config import ModelConfig, VisionConfig
-    from fastblip.models.blip import build_model
+    from fastblip.models import build_model
 
     cfg = ModelConfig(kind="pretrain", vision=VisionConfig(image_size=32, patch_size=8, width=64, depth=1, heads=1),
                       text=bert_text_config(MINILM), embed_dim=32, queue_size=32)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastblip.config import VisionConfig, tiny_config
-from fastblip.models.blip import build_model
+from fastblip.models import build_model
 from fastblip.models.generation import counter_uniform
 from fastblip.models.vit import VisionTransformer, interpolate_pos_embed
 from fastblip.ops.attention import attention

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from fastblip.config import tiny_config
-from fastblip.models.blip import build_model
+from fastblip.models import build_model
 from fastblip.models.blip_nlvr import merge_from, nlvr_init_from_pretrained
 
 

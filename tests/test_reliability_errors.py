@@ -27,7 +27,7 @@ RECIPE = ROOT / "recipes" / "pretrain_tiny_cpu.yaml"
 
 @pytest.fixture(scope="module")
 def itm_dir(tmp_path_factory):
-    from fastblip.models.blip import build_model
+    from fastblip.models import build_model
 
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("itm")

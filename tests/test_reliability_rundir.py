@@ -181,7 +181,7 @@ def test_no_usable_sample_is_an_error_not_an_untrained_model(synth, tmp_path):
 def models(tmp_path_factory):
     import fastblip
     from fastblip.config import tiny_config
-    from fastblip.models.blip import build_model
+    from fastblip.models import build_model
 
     torch.manual_seed(0)
     cap, flt = build_model(tiny_config("caption")).eval(), build_model(tiny_config("itm")).eval()

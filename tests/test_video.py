@@ -19,7 +19,7 @@ from fastblip.eval.video import (  # noqa: E402
     sample_indices,
     video_qa,
 )
-from fastblip.models.blip import build_model  # noqa: E402
+from fastblip.models import build_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

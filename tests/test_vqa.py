@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from fastblip.config import tiny_config
 from fastblip.eval.vqa import normalize_answer, question_accuracy, vqa_accuracy, write_results
-from fastblip.models.blip import build_model
+from fastblip.models import build_model
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ FORMATS = ("fastblip", "official", "hf")
 
 
 def _build(cfg: ModelConfig, image_size: int | None, dtype: torch.dtype | None, source: str = "checkpoint"):
-    from fastblip.models.blip import build_model
+    from fastblip.models import build_model
 
     if image_size is not None:
         cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=int(image_size)))
@@ -67,6 +67,14 @@ def _float_dtype(sd: dict) -> torch.dtype | None:
     return None
 
 
+def _with_itm_temp(cfg, sd: dict) -> dict:
+    """The official ``BLIP_ITM`` class and HF's ``BlipForImageTextRetrieval`` have no ITC temperature; ours
+    keeps one for ``itc_similarity`` and the retrieval layout: fill the official init value (BLIP_SPEC §1)."""
+    if cfg.kind == "itm" and "temp" not in sd:
+        sd = {**sd, "temp": torch.tensor(cfg.temp)}
+    return sd
+
+
 def _from_official_obj(obj, source: str, image_size, dtype, kind: str | None):
     sd, cfg_dict = official.split_official(obj, source)
     if cfg_dict is not None:
@@ -82,7 +90,7 @@ def _from_official_obj(obj, source: str, image_size, dtype, kind: str | None):
     if kind is not None:
         cfg.kind = kind
     model = _build(cfg, image_size, dtype, source)
-    report = load_strict(model, official.from_official(sd), source)
+    report = load_strict(model, _with_itm_temp(cfg, official.from_official(sd)), source)
     return model, report
 
 
@@ -131,9 +139,7 @@ def load(path: str | Path, *, image_size: int | None = None, device: str | torch
             if not hf.is_hf_dir(p):
                 raise CheckpointError(f"{p}: config.json is not an HF BLIP config (model_type != 'blip')")
             cfg, _ = hf.read_hf_config(p)
-            sd = hf.read_hf_weights(p)
-            if cfg.kind == "itm" and "temp" not in sd:  # HF has no ITC temperature: the official init value
-                sd["temp"] = torch.tensor(cfg.temp)
+            sd = _with_itm_temp(cfg, hf.read_hf_weights(p))
             model = _build(cfg, image_size, dtype, str(p / "config.json"))
             report = load_strict(model, sd, str(p))
             tok_dir = p

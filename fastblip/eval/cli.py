@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 log = logging.getLogger("fastblip.eval")
@@ -39,14 +40,11 @@ def run_eval(args: argparse.Namespace) -> int:
 
     recipe = read_recipe(args.recipe, args.overrides)
     task = get_task(recipe.task)
-    if not hasattr(task, "evaluate"):
-        raise ConfigError(f"task '{recipe.task}' has no evaluation")
     if not recipe.data.eval:
         raise ConfigError("recipe key 'data.eval' is empty: nothing to evaluate")
+    from fastblip.config import check_device
     from fastblip.train.distributed import init_distributed
     from fastblip.train.rundir import acquire_lock, on_rank0
-
-    from fastblip.config import check_device
 
     check_device(args.device)  # `--device cuda` on a machine without one: one line, before loading anything
     info = init_distributed(args.device)
@@ -58,7 +56,14 @@ def run_eval(args: argparse.Namespace) -> int:
         lock = on_rank0(lambda: acquire_lock(where, "eval", "eval results directory"))[0]
     try:
         model = load_model_for(recipe, device)
-        metrics = task.evaluate(model, recipe, rank=rank, world_size=world)
+        from fastblip.backends import resolve
+
+        bk = resolve(device, attention=model.cfg.attention_backend, ops=model.cfg.ops_backend or "auto",
+                     amp=recipe.train.amp, data=recipe.data.backend, max_length=recipe.data.max_length)
+        model.set_backends(attention=bk.attention, ops=dict(bk.ops))
+        if rank == 0:  # every implementation choice of the run, once
+            print(f"fastblip eval: {bk.line()}", file=sys.stderr, flush=True)
+        metrics = task.evaluate(model, recipe, rank=rank, world_size=world, amp_dtype=bk.amp_dtype)
     finally:
         if lock is not None:
             lock.release()

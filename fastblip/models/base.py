@@ -34,9 +34,15 @@ METHOD_OWNERS = {
 
 
 class BlipBase(nn.Module):
-    """Holds the config, the ViT and the backend choices; every task model derives from it."""
+    """Holds the config, the ViT and the backend choices; every task model derives from it and implements
+    the task contract's ``training_step`` (fastblip/tasks/contract.py)."""
 
     kind = "base"
+    has_momentum = False  # models with momentum encoders (pretrain, retrieval) add momentum_update()
+
+    def training_step(self, batch, *, alpha: torch.Tensor | float, update_momentum: bool) -> dict:
+        """Named ``*_loss`` terms and their sum ``loss`` for one batch (the task contract)."""
+        raise NotImplementedError(f"{type(self).__name__} ({self.kind}) is not trainable")
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -130,7 +136,8 @@ class ContrastiveMixin:
         """[ENC]-first multimodal encoding; returns the first token's hidden (N, C)."""
         ids = self._with_first(input_ids, self.cfg.text.enc_token_id)
         image = self.text_encoder.image_kv(image_embeds)
-        image.kv_index = kv_index
+        if kv_index is not None:
+            image = image.select(kv_index)
         return self.text_encoder(ids, attention_mask, image=image)[:, 0]
 
     def itm_logits(self, pixel_values, input_ids, attention_mask) -> torch.Tensor:

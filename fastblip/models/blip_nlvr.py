@@ -129,8 +129,9 @@ class BlipNLVR(BlipBase):
         h = self.text_encoder(ids, attention_mask, emb[:B], emb[B:])
         return self.cls_head(h[:, 0])
 
-    def training_forward(self, batch, alpha: float = 0.0) -> dict:
-        """``batch`` is a ``fastblip.tasks.nlvr.NLVRBatch``: cross-entropy on the 2-way logits."""
+    def training_step(self, batch, *, alpha: float | torch.Tensor = 0.0, update_momentum: bool = True) -> dict:
+        """The task contract; ``batch`` is a ``fastblip.tasks.nlvr.NLVRBatch``: cross-entropy on the 2-way
+        logits (no momentum encoders: the flags are ignored)."""
         logits = self.nlvr_logits(batch.pixel_values, batch.pixel_values_1, batch.input_ids, batch.attention_mask)
         loss = F.cross_entropy(logits.float(), batch.labels)
         return {"nlvr_loss": loss, "loss": loss}

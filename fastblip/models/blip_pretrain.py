@@ -26,12 +26,12 @@ import torch.nn.functional as F
 
 from fastblip.config import ModelConfig
 from fastblip.models.base import BlipBase, CaptionMixin, ContrastiveMixin
-from fastblip.models.blip import add_momentum_and_queues, momentum_pairs
+from fastblip.models.contrastive import MomentumContrast, add_momentum_and_queues
 from fastblip.models.med import BertLMHeadModel, BertModel, ImageKV, tie_encoder_decoder
-from fastblip.ops.gather import gather_nograd
+from fastblip.ops import lm_cross_entropy, sample_hard_negatives
 
 
-class BlipPretrain(ContrastiveMixin, CaptionMixin, BlipBase):
+class BlipPretrain(MomentumContrast, ContrastiveMixin, CaptionMixin, BlipBase):
     kind = "pretrain"
 
     def __init__(self, cfg: ModelConfig):
@@ -47,23 +47,6 @@ class BlipPretrain(ContrastiveMixin, CaptionMixin, BlipBase):
         self.temp = nn.Parameter(torch.tensor(cfg.temp))
         add_momentum_and_queues(self, cfg, idx_queue=False)
         self.set_backends()
-
-    # ------------------------------------------------------------------ momentum and queue
-    @torch.no_grad()
-    def momentum_update(self) -> None:
-        """p_m = m·p_m + (1−m)·p over the four momentum pairs: two fused foreach ops (DESIGN §4.8)."""
-        from fastblip.ops import momentum_update_
-
-        pm, po = momentum_pairs(self)
-        momentum_update_(pm, po, self.cfg.momentum)
-
-    @torch.no_grad()
-    def enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor) -> None:
-        """Write the all-gathered momentum features at ``queue_ptr`` and advance it (on device)."""
-        from fastblip.ops import enqueue_
-
-        enqueue_([self.image_queue, self.text_queue], [gather_nograd(image_feat_m), gather_nograd(text_feat_m)],
-                 self.queue_ptr)
 
     # ------------------------------------------------------------------ losses
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -84,23 +67,9 @@ class BlipPretrain(ContrastiveMixin, CaptionMixin, BlipBase):
         text_hidden = self.text_encoder(input_ids, attention_mask)  # mode "text": [CLS] kept
         text_feat = F.normalize(self.text_proj(text_hidden[:, 0]).float(), dim=-1)
 
-        with torch.no_grad():
-            if update_momentum:  # before the momentum forward, as the official step
-                self.momentum_update()
-            image_feat_m = F.normalize(self.vision_proj_m(self.visual_encoder_m(pixel_values)[:, 0]).float(), dim=-1)
-            text_feat_m = F.normalize(self.text_proj_m(self.text_encoder_m(input_ids, attention_mask)[:, 0]).float(),
-                                      dim=-1)
-            # batch first, then the queue; cat copies, so the in-place enqueue below cannot touch saved tensors
-            image_feat_m_all = torch.cat([image_feat_m, self.image_queue.float()], dim=0)  # (B+Q, D)
-            text_feat_m_all = torch.cat([text_feat_m, self.text_queue.float()], dim=0)
-
-        from fastblip.ops import itc_loss, lm_cross_entropy, sample_hard_negatives
-
-        loss_itc, sim_i2t, sim_t2i = itc_loss(image_feat, text_feat, image_feat_m_all, text_feat_m_all, self.temp,
-                                              alpha, backend=self.op_backend("itc_loss"))
-        if update_queue:
-            self.enqueue(image_feat_m, text_feat_m)
-
+        loss_itc, sim_i2t, sim_t2i = self.contrastive_loss(image_feat, text_feat, pixel_values, input_ids,
+                                                           attention_mask, alpha, update_momentum=update_momentum,
+                                                           update_queue=update_queue)
         if negatives is None:
             negatives = sample_hard_negatives(sim_i2t, sim_t2i, eps=1e-4,
                                               backend=self.op_backend("sample_hard_negatives"))
@@ -125,7 +94,7 @@ class BlipPretrain(ContrastiveMixin, CaptionMixin, BlipBase):
         loss_lm = lm_cross_entropy(h.reshape(-1, h.shape[-1]), head.decoder.weight, head.bias,
                                    labels[:, 1:].reshape(-1), label_smoothing=self.cfg.text.label_smoothing,
                                    backend=self.op_backend("lm_cross_entropy"))
-        loss_itc, loss_lm = loss_itc.float(), loss_lm.float()
+        loss_lm = loss_lm.float()
         return {"itc_loss": loss_itc, "itm_loss": loss_itm, "lm_loss": loss_lm, "loss": loss_itc + loss_itm + loss_lm}
 
     def _itm_lm_reference(self, image_embeds, enc_ids, dec_ids, mask, neg_img, neg_txt):
@@ -154,7 +123,7 @@ class BlipPretrain(ContrastiveMixin, CaptionMixin, BlipBase):
         dec_hidden = self.text_decoder.hidden(dec_ids, mask, ImageKV(image.kv, None, image.mask))
         return vl, dec_hidden
 
-    def training_forward(self, batch, alpha: float = 0.4, update_momentum: bool = True,
-                         update_queue: bool = True) -> dict:
+    def training_step(self, batch, *, alpha: float | torch.Tensor, update_momentum: bool) -> dict:
+        """The task contract (fastblip/tasks/contract.py): this model's forward on a ``Batch``."""
         return self(batch.pixel_values, batch.input_ids, batch.attention_mask, alpha=alpha,
-                    update_momentum=update_momentum, update_queue=update_queue)
+                    update_momentum=update_momentum)

@@ -11,9 +11,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastblip.config import ModelConfig
+from fastblip.errors import ConfigError
 from fastblip.models.base import BlipBase, ContrastiveMixin
-from fastblip.models.blip import add_momentum_and_queues, momentum_pairs
+from fastblip.models.contrastive import MomentumContrast, add_momentum_and_queues
 from fastblip.models.med import BertModel, ImageKV
+from fastblip.ops import sample_hard_negatives
 from fastblip.ops.gather import gather_nograd, gather_with_grad, world_size
 
 
@@ -27,7 +29,7 @@ def _pad_to_world_len(ids: torch.Tensor, mask: torch.Tensor, max_len: int) -> tu
     return F.pad(ids, (0, pad)), F.pad(mask, (0, pad))
 
 
-class BlipRetrieval(ContrastiveMixin, BlipBase):
+class BlipRetrieval(MomentumContrast, ContrastiveMixin, BlipBase):
     """Image-text retrieval / ITM filter: ViT + text encoder (with cross-attention) + projections + ITM head.
 
     With ``momentum=True`` (the COCO/Flickr finetuning layout) it also carries the momentum encoders and the
@@ -49,37 +51,26 @@ class BlipRetrieval(ContrastiveMixin, BlipBase):
             add_momentum_and_queues(self, cfg, idx_queue=True)
         self.set_backends()
 
-    def training_forward(self, batch, alpha: float = 0.4) -> dict:
+    def training_step(self, batch, *, alpha: float | torch.Tensor, update_momentum: bool) -> dict:
         """Retrieval finetune step (official ``train_retrieval``): ITC with image-id positives against the
         momentum features + queues, then ITM on [pos; neg image per text; neg text per image] with negatives
-        drawn from every rank (``negative_all_rank``), softmax weights with same-id entries zeroed (eps 0)."""
+        drawn from every rank (``negative_all_rank``), softmax weights with same-id entries zeroed (eps 0).
+        ``update_momentum``: the momentum encoders move once per optimiser step (the task contract)."""
         if not self.has_momentum:
-            raise ValueError("training_forward needs the momentum encoders and queues (model kind 'retrieval', "
-                             "not 'itm')")
-        from fastblip.ops import enqueue_, itc_loss, momentum_update_, sample_hard_negatives
-
+            raise ConfigError("training a retrieval model needs its momentum encoders and queues (model kind "
+                              "'retrieval', not 'itm')")
         pix, ids, mask, idx = batch.pixel_values, batch.input_ids, batch.attention_mask, batch.image_ids.view(-1)
         B = ids.shape[0]
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
         img_BNC = self.encode_image(pix)
-        image_feat = F.normalize(self.vision_proj(img_BNC[:, 0]), dim=-1)
-        text_feat = F.normalize(self.text_proj(self.text_encoder(ids, mask)[:, 0]), dim=-1)
+        image_feat = F.normalize(self.vision_proj(img_BNC[:, 0]).float(), dim=-1)  # (B, d) fp32
+        text_feat = F.normalize(self.text_proj(self.text_encoder(ids, mask)[:, 0]).float(), dim=-1)
 
-        # ---- ITC with image-id positives and momentum distillation
-        idx_all = torch.cat([idx, self.idx_queue.detach()])  # (B+Q,)
-        with torch.no_grad():
-            momentum_update_(*momentum_pairs(self), self.cfg.momentum)
-            img_m = F.normalize(self.vision_proj_m(self.visual_encoder_m(pix)[:, 0]), dim=-1)
-            txt_m = F.normalize(self.text_proj_m(self.text_encoder_m(ids, mask)[:, 0]), dim=-1)
-            img_m_all = torch.cat([img_m, self.image_queue.detach()])  # (B+Q, d)
-            txt_m_all = torch.cat([txt_m, self.text_queue.detach()])
-        loss_itc, _, _ = itc_loss(image_feat, text_feat, img_m_all, txt_m_all, self.temp, alpha, idx=idx,
-                                  idx_all=idx_all,
-                                  backend=self.op_backend("itc_loss"))
+        # ---- ITC with image-id positives and momentum distillation (enqueues the gathered ids too)
+        loss_itc, _, _ = self.contrastive_loss(image_feat, text_feat, pix, ids, mask, alpha, idx=idx,
+                                               update_momentum=update_momentum)
         idx_world = gather_nograd(idx)  # (G,)
-        enqueue_([self.image_queue, self.text_queue, self.idx_queue],
-                 [gather_nograd(img_m), gather_nograd(txt_m), idx_world], self.ptr_queue)
 
         # ---- ITM with hard negatives from all ranks
         enc_ids = self._with_first(ids, self.cfg.text.enc_token_id)
@@ -98,8 +89,8 @@ class BlipRetrieval(ContrastiveMixin, BlipBase):
         text_mask = torch.cat([mask_l, mask_l, mask_w.index_select(0, neg_txt)])
         image = self.text_encoder.image_kv(img_BNC)  # each local image's K/V once: pos pair + neg-text pair
         ar = torch.arange(B, device=ids.device)
-        if world_size() == 1:
-            image.kv_index = torch.cat([ar, neg_img, ar])  # negative images are local: share their K/V too
+        if world_size() == 1:  # negative images are local: share their K/V too
+            image = ImageKV(image.kv, torch.cat([ar, neg_img, ar]), image.mask)
         else:
             neg_BNC = gather_with_grad(img_BNC).index_select(0, neg_img)  # gradient reaches the owning rank
             neg = self.text_encoder.image_kv(neg_BNC)

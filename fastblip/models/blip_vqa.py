@@ -76,12 +76,15 @@ class BlipVQA(BlipBase):
         states, per-answer losses weighted (VQA: count/10 per unique answer; VG: 0.2), summed, / B."""
         q = self.encode_question(self.encode_image(pixel_values), question_ids, question_mask)
         q_kv = self._question_kv(q, question_mask)
-        q_kv.kv_index = torch.repeat_interleave(torch.arange(q.shape[0], device=q.device), n.to(q.device))
+        # output_size from the answers' own shape: no host sync to size the result
+        q_kv = q_kv.select(torch.repeat_interleave(torch.arange(q.shape[0], device=q.device), n.to(q.device),
+                                                   output_size=answer_ids.shape[0]))
         loss = self.answer_losses(q_kv, answer_ids, answer_mask)
         return (weights.to(loss.dtype) * loss).sum() / pixel_values.shape[0]
 
-    def training_forward(self, batch, alpha: float = 0.0) -> dict:
-        """``batch`` is a ``fastblip.tasks.vqa.VQABatch``."""
+    def training_step(self, batch, *, alpha: float | torch.Tensor = 0.0, update_momentum: bool = True) -> dict:
+        """The task contract; ``batch`` is a ``fastblip.tasks.vqa.VQABatch`` (no momentum encoders: the flags
+        are ignored)."""
         loss = self(batch.pixel_values, batch.input_ids, batch.attention_mask, batch.answer_ids,
                     batch.answer_mask, batch.n, batch.weights)
         return {"vqa_loss": loss, "loss": loss}
@@ -107,7 +110,7 @@ class BlipVQA(BlipBase):
         prob_BA = logits_BV.softmax(dim=1).index_select(1, answer_ids[:, 1])
         _, topk_ids = prob_BA.topk(k, dim=1)  # (B, K)
         flat = topk_ids.reshape(-1)
-        q_kv.kv_index = torch.arange(B, device=q_BLC.device).repeat_interleave(k)
+        q_kv = q_kv.select(torch.arange(B, device=q_BLC.device).repeat_interleave(k))
         ids, mask = answer_ids.index_select(0, flat), answer_mask.index_select(0, flat)
         L = int(mask.sum(1).max())  # sync: trim the candidates' common padding (losses unchanged)
         logp = -self.answer_losses(q_kv, ids[:, :L], mask[:, :L]).view(B, k)
@@ -121,7 +124,7 @@ class BlipVQA(BlipBase):
         B = q_BLC.shape[0]
         t = self.cfg.text
         q_kv = self._question_kv(q_BLC, None)  # all-ones question mask, as the official/HF generate
-        q_kv.kv_index = torch.arange(B, device=q_BLC.device).repeat_interleave(num_beams)
+        q_kv = q_kv.select(torch.arange(B, device=q_BLC.device).repeat_interleave(num_beams))
         ids = torch.full((B * num_beams, 1), t.bos_token_id, dtype=torch.long, device=q_BLC.device)
         return beam_search(_Decoder(self.text_decoder, q_kv), ids, num_beams=num_beams, max_length=max_length,
                            min_length=min_length, eos=t.sep_token_id, pad=t.pad_token_id)

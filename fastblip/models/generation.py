@@ -211,11 +211,10 @@ def generate_ids(model, pixel_values: torch.Tensor, *, method: str = "beam", num
     emb = model.encode_image(pixel_values) if image_embeds is None else image_embeds
     B = emb.shape[0]
     decoder = model.text_decoder
-    image = decoder.bert.image_kv(emb)  # K/V once per image, shared by every beam/sample
     ids0 = prompt_ids(model, prompt, emb.device)
     R = num_beams if method == "beam" else num_return_sequences
-    rows = torch.arange(B, device=emb.device).repeat_interleave(R)
-    image.kv_index = rows
+    # K/V once per image, shared by every beam/sample
+    image = decoder.bert.image_kv(emb).select(torch.arange(B, device=emb.device).repeat_interleave(R))
     ids = ids0.expand(B * R, -1).contiguous()
     step = _Decoder(decoder, image)
     if method == "beam":

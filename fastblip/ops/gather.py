@@ -1,7 +1,10 @@
 """Cross-rank gathers along dim 0, in rank order: the only collectives a training step makes (queue enqueue,
-retrieval's all-rank ITM negatives). Written with functional collectives so ``torch.compile(fullgraph=True)``
-traces them into the step's graph (``dist.all_gather`` into a Python list does not trace); identity without an
-initialised process group or with one rank.
+retrieval's all-rank ITM negatives); identity without an initialised process group or with one rank.
+
+Inside ``torch.compile`` they are functional collectives, which dynamo traces into the step's graph
+(``dist.all_gather`` into a Python list does not trace); eagerly they are the classic c10d calls: with gloo
+(torch 2.14, CPU) processes that had run functional collectives died at exit about one time in two
+("terminate called without an active exception", SIGABRT after the run's last line), the classic calls never.
 
 Gradient choice (open_clip's ``gather_with_grad``, the official ``GatherLayer``): ``gather_with_grad``'s
 backward is a reduce-scatter, i.e. every rank's gradient for our slice summed, so a negative drawn from another
@@ -22,15 +25,26 @@ def gather_nograd(x: torch.Tensor) -> torch.Tensor:
     """(B, ...) -> (W·B, ...) without gradient."""
     if world_size() == 1:
         return x
-    from torch.distributed._functional_collectives import all_gather_tensor
+    if torch.compiler.is_compiling():
+        import torch.distributed._functional_collectives as fc
 
-    return all_gather_tensor(x.detach().contiguous(), 0, dist.group.WORLD)
+        gather = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor  # torch 2.14's name / 2.11's
+        return gather(x.detach().contiguous(), 0, dist.group.WORLD)
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x.detach().contiguous())
+    return torch.cat(out)
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """(B, ...) -> (W·B, ...); backward sums every rank's gradient for this rank's slice."""
     if world_size() == 1:
         return x
-    from torch.distributed._functional_collectives import all_gather_tensor_autograd
+    if torch.compiler.is_compiling():
+        import torch.distributed._functional_collectives as fc
 
-    return all_gather_tensor_autograd(x.contiguous(), 0, dist.group.WORLD)
+        # all_gather_single_autograd is torch 2.14's name; 2.11 (the GPU machine) has all_gather_tensor_autograd
+        gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
+        return gather(x.contiguous(), 0, dist.group.WORLD)
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()))

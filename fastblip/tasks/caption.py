@@ -1,7 +1,7 @@
 """Task plug-in: captioning finetuning (the CapFilt captioner) and its evaluation (BLEU-4, CIDEr).
 
 Training: LM loss on ``data.prompt`` + caption ("a picture of " in BLIP's recipes) with the prompt tokens
-masked (``BlipCaption.training_forward``). Evaluation: beam search (3 beams, max 20, min 5) on the eval JSON's
+masked (``BlipCaption.training_step``). Evaluation: beam search (3 beams, max 20, min 5) on the eval JSON's
 images, scored against all their reference captions with pycocoevalcap (the ``eval`` extra).
 """
 
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastblip.tasks.retrieval import amp_dtype
+import torch
+
+from fastblip.tasks.contract import Task
 from fastblip.tasks.retrieval import build_loader as _retrieval_loader
 
 
@@ -27,7 +29,7 @@ def build_loader(recipe, *, train: bool, rank: int = 0, world_size: int = 1, epo
     return _retrieval_loader(recipe, train=train, rank=rank, world_size=world_size, epoch=epoch, device=device)
 
 
-def evaluate(model, recipe, *, rank: int = 0, world_size: int = 1) -> dict:
+def evaluate(model, recipe, *, rank: int = 0, world_size: int = 1, amp_dtype: torch.dtype | None = None) -> dict:
     """{"bleu4", "cider"} (pycocoevalcap fractions). Each rank captions its share; rank 0's dict holds the
     scores of all images when run under torchrun (captions gathered before scoring)."""
     import torch.distributed as dist
@@ -40,7 +42,7 @@ def evaluate(model, recipe, *, rank: int = 0, world_size: int = 1) -> dict:
     try:
         loader = build_loader(recipe, train=False, rank=rank, world_size=world_size)
         kw = dict(num_beams=opts.num_beams, max_length=opts.max_length, min_length=opts.min_length,
-                  repetition_penalty=opts.repetition_penalty, dtype=amp_dtype(recipe, model.device))
+                  repetition_penalty=opts.repetition_penalty, dtype=amp_dtype)
         if world_size == 1 or not dist.is_initialized():
             return evaluate_captions(model, loader, **kw)
         cands, refs = evaluate_captions(model, loader, return_captions=True, **kw)
@@ -53,3 +55,7 @@ def evaluate(model, recipe, *, rank: int = 0, world_size: int = 1) -> dict:
         return caption_scores(all_c, all_r)
     finally:
         model.train(was_training)
+
+
+TASK = Task(name="caption", model_kind="caption", options=Options, build_loader=build_loader, evaluate=evaluate,
+            compilable=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from fastblip.tasks.contract import Task
 from fastblip.tasks.vqa import _open_rgb, _transform, json_task_loader
 
 
@@ -79,15 +80,17 @@ def build_loader(recipe, *, train: bool, rank: int = 0, world_size: int = 1, epo
                             epoch=epoch, device=device, eval_batch_size=opts.eval_batch_size)
 
 
-def evaluate(model, recipe, *, rank: int = 0, world_size: int = 1) -> dict:
+def evaluate(model, recipe, *, rank: int = 0, world_size: int = 1, amp_dtype: torch.dtype | None = None) -> dict:
     """{"nlvr_acc": percent, "num": n} over ``data.eval`` (summed over ranks under torchrun)."""
     from fastblip.eval.nlvr import evaluate_nlvr
-    from fastblip.tasks.retrieval import amp_dtype
 
     was_training = model.training
     model.eval()
     try:
         loader = build_loader(recipe, train=False, rank=rank, world_size=world_size)
-        return evaluate_nlvr(model, loader, dtype=amp_dtype(recipe, model.device))
+        return evaluate_nlvr(model, loader, dtype=amp_dtype)
     finally:
         model.train(was_training)
+
+
+TASK = Task(name="nlvr", model_kind="nlvr", options=Options, build_loader=build_loader, evaluate=evaluate)

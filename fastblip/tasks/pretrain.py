@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fastblip.tasks.contract import Task
+
 
 @dataclass
 class Options:
@@ -36,7 +38,7 @@ def build_loader(recipe, *, train: bool, rank: int = 0, world_size: int = 1, epo
 
 
 @torch.no_grad()
-def evaluate(model, recipe, *, rank: int = 0, world_size: int = 1) -> dict:
+def evaluate(model, recipe, *, rank: int = 0, world_size: int = 1, amp_dtype: torch.dtype | None = None) -> dict:
     """Mean itc/itm/lm losses over the eval split, in-batch ITC recall@1 (i2t, t2i) and ITM accuracy."""
     opts = recipe.options()
     was_training = model.training
@@ -45,6 +47,7 @@ def evaluate(model, recipe, *, rank: int = 0, world_size: int = 1) -> dict:
     gen = torch.Generator(device=device).manual_seed(recipe.train.seed)
     sums: dict[str, torch.Tensor] = {}
     n = 0
+    ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else torch.autocast(device.type, enabled=False)
     try:
         loader = build_loader(recipe, train=False, rank=rank, world_size=world_size)
         for i, batch in enumerate(loader):
@@ -57,10 +60,11 @@ def evaluate(model, recipe, *, rank: int = 0, world_size: int = 1) -> dict:
             # fixed-seed negatives: the same eval pairs at every epoch, and the training RNG untouched
             w = torch.ones(B, B, device=device).fill_diagonal_(0)
             neg = (torch.multinomial(w, 1, generator=gen).squeeze(1), torch.multinomial(w, 1, generator=gen).squeeze(1))
-            out = model(batch.pixel_values, batch.input_ids, batch.attention_mask, alpha=0.0, negatives=neg,
-                        update_momentum=False, update_queue=False)
-            img = model.image_features(batch.pixel_values)
-            txt = model.text_features(batch.input_ids, batch.attention_mask)
+            with ctx:
+                out = model(batch.pixel_values, batch.input_ids, batch.attention_mask, alpha=0.0, negatives=neg,
+                            update_momentum=False, update_queue=False)
+                img = model.image_features(batch.pixel_values)
+                txt = model.text_features(batch.input_ids, batch.attention_mask)
             sim = img.float() @ txt.float().t()
             target = torch.arange(B, device=device)
             # duplicate captions make several columns right: count a hit when the picked text equals the true one
@@ -76,3 +80,7 @@ def evaluate(model, recipe, *, rank: int = 0, world_size: int = 1) -> dict:
     if n == 0:
         return {}
     return {k: round(float(v) / n, 5) for k, v in sums.items()}  # sync: once per evaluation
+
+
+TASK = Task(name="pretrain", model_kind="pretrain", options=Options, build_loader=build_loader, evaluate=evaluate,
+            compilable=True)

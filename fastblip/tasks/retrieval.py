@@ -1,7 +1,7 @@
 """Task plug-in: image-text retrieval finetuning (the CapFilt filter) and its evaluation (COCO / Flickr30k).
 
 Training batches carry ``image_ids`` (equal ids = same image, the ITC positives); the model's
-``training_forward`` does ITC + ITM with hard negatives (fastblip/models/blip_retrieval.py). Evaluation is the
+``training_step`` does ITC + ITM with hard negatives (fastblip/models/blip_retrieval.py). Evaluation is the
 official re-ranked recall (fastblip/eval/retrieval.py) on a BLIP eval JSON (one entry per image, ``caption``
 a list).
 """
@@ -12,19 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
+from fastblip.tasks.contract import Task
+
 
 @dataclass
 class Options:
     k_test: int = 256  # ITM re-ranked candidates per row: 256 COCO, 128 Flickr30k (official configs)
     eval_batch_size: int = 0  # images per eval batch; 0 = data.batch_size
-
-
-def amp_dtype(recipe, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA for amp auto/bf16 (DESIGN §4.1), fp32 otherwise."""
-    amp = recipe.train.amp
-    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 def build_loader(recipe, *, train: bool, rank: int = 0, world_size: int = 1, epoch: int = 0, device=None,
@@ -47,7 +41,7 @@ def build_loader(recipe, *, train: bool, rank: int = 0, world_size: int = 1, epo
     return loader
 
 
-def evaluate(model, recipe, *, rank: int = 0, world_size: int = 1) -> dict:
+def evaluate(model, recipe, *, rank: int = 0, world_size: int = 1, amp_dtype: torch.dtype | None = None) -> dict:
     """txt_r1 txt_r5 txt_r10 txt_r_mean img_r1 img_r5 img_r10 img_r_mean r_mean (percent)."""
     from fastblip.eval.retrieval import evaluate_retrieval
 
@@ -59,6 +53,10 @@ def evaluate(model, recipe, *, rank: int = 0, world_size: int = 1) -> dict:
         loader = build_loader(recipe, train=False, rank=0, world_size=1)
         return evaluate_retrieval(model, loader, k_test=opts.k_test, max_words=recipe.data.max_words,
                                   max_length=recipe.data.max_length, rank=rank, world_size=world_size,
-                                  dtype=amp_dtype(recipe, model.device))
+                                  dtype=amp_dtype)
     finally:
         model.train(was_training)
+
+
+TASK = Task(name="retrieval", model_kind="retrieval", options=Options, build_loader=build_loader,
+            evaluate=evaluate, compilable=True)

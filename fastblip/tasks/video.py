@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastblip.tasks.contract import Task
 from fastblip.tasks.vqa import read_json_sources
 
 
@@ -50,7 +51,7 @@ def _entries(recipe, opts: Options) -> list[tuple[str, dict]]:
     return out
 
 
-def evaluate(model, recipe, *, rank: int = 0, world_size: int = 1) -> dict:
+def evaluate(model, recipe, *, rank: int = 0, world_size: int = 1, amp_dtype=None) -> dict:
     """retrieval: txt_r1.. img_r1.. r_mean (img = video); qa: {"video_qa_acc": percent, "num"}."""
     from fastblip.eval.video import evaluate_video_retrieval, video_qa
 
@@ -80,3 +81,7 @@ def evaluate(model, recipe, *, rank: int = 0, world_size: int = 1) -> dict:
         return {"video_qa_acc": 100.0 * correct / len(gold), "num": len(gold)}
     finally:
         model.train(was_training)
+
+
+# zero-shot: evaluation only (build_loader refuses); the retrieval layout by default, a VQA model for mode qa
+TASK = Task(name="video", model_kind="retrieval", options=Options, build_loader=build_loader, evaluate=evaluate)

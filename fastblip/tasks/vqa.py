@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from fastblip.tasks.contract import Task
+
 
 @dataclass
 class Options:
@@ -220,13 +222,12 @@ def load_answer_list(path: str) -> list[str]:
     return [str(a) for a in json.loads(p.read_text(encoding="utf-8"))]
 
 
-def evaluate(model, recipe, *, rank: int = 0, world_size: int = 1) -> dict:
+def evaluate(model, recipe, *, rank: int = 0, world_size: int = 1, amp_dtype: torch.dtype | None = None) -> dict:
     """{"vqa_acc" (percent, when the eval JSON has answers), "num_questions", "results_file"}."""
     import torch.distributed as dist
 
     from fastblip.downstream_synth import ensure_downstream
     from fastblip.eval.vqa import vqa_accuracy, write_results
-    from fastblip.tasks.retrieval import amp_dtype
 
     opts = recipe.options()
     ensure_downstream("vqa", opts.synthetic)  # an eval-only run reads the answer list before any loader
@@ -236,7 +237,7 @@ def evaluate(model, recipe, *, rank: int = 0, world_size: int = 1) -> dict:
     was_training = model.training
     model.eval()
     dev = model.device
-    dtype = amp_dtype(recipe, dev)
+    dtype = amp_dtype
     ctx = torch.autocast(dev.type, dtype=dtype) if dtype is not None else torch.autocast(dev.type, enabled=False)
     results, gts = [], {}
     try:
@@ -262,3 +263,6 @@ def evaluate(model, recipe, *, rank: int = 0, world_size: int = 1) -> dict:
         acc = vqa_accuracy(results, gts)
         out["vqa_acc"] = acc["vqa_acc"]
     return out
+
+
+TASK = Task(name="vqa", model_kind="vqa", options=Options, build_loader=build_loader, evaluate=evaluate)

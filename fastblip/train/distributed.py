@@ -54,7 +54,11 @@ def init_distributed(device: str | None = None) -> DistInfo:
 
 
 def destroy_distributed() -> None:
+    """Leave the process group. Every rank waits for the others first: a rank that tore its group down while
+    another still had collectives in flight made that one die at exit (gloo + FSDP2, torch 2.14: "terminate
+    called without an active exception" in about one 2-rank run of five; none of 20 with the barrier)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -112,7 +112,7 @@ def copy_momentum(model: nn.Module) -> None:
     """Momentum encoders := online encoders (after loading pretrained weights into the online ones)."""
     if not hasattr(model, "visual_encoder_m"):
         return
-    from fastblip.models.blip import momentum_pairs
+    from fastblip.models.contrastive import momentum_pairs
 
     pm, po = momentum_pairs(model)
     torch._foreach_copy_(pm, [p.detach() for p in po])
@@ -120,7 +120,7 @@ def copy_momentum(model: nn.Module) -> None:
 
 def build_and_init(recipe: Recipe) -> nn.Module:
     """The recipe's model on CPU, initialised per ``model.init_vit`` / ``init_bert`` / ``init_from``."""
-    from fastblip.models.blip import build_model
+    from fastblip.models import build_model
 
     model = build_model(recipe.model_config())
     m = recipe.model

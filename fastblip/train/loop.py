@@ -81,7 +81,6 @@ class Trainer:
         from fastblip.tasks import get_task
 
         self.task = get_task(recipe.task)
-        self.options = recipe.options()
         # what must match to resume (the model config is the recipe's, known before building anything)
         model_cfg = (model.cfg if model is not None else recipe.model_config()).to_dict()
         self.fp = ck.fingerprint(model_cfg, recipe.data.batch_size, t.grad_accum, self.info.world_size)
@@ -137,8 +136,8 @@ class Trainer:
         # after wrapping: FSDP2 replaces the parameters by sharded DTensor parameters
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=self.backends.optimizer == "adamw_fused" or None)
-        self.external_momentum = (self.info.enabled and t.distributed == "fsdp2"
-                                  and hasattr(self.model, "momentum_update"))
+        # FSDP2: the trainer updates the momentum encoders itself, between steps (see _train_epoch)
+        self.external_momentum = self.info.enabled and t.distributed == "fsdp2" and self.model.has_momentum
         self.step, self.epoch = 0, 0
         if self.resume_state is not None:
             self._restore(self.resume_state)
@@ -200,6 +199,8 @@ class Trainer:
             path = ck.save_checkpoint(self.out_dir, self.step, st, self.recipe.train.keep_last)
             if export:
                 self._export(st["model"])
+            if getattr(self, "_progress", None) is not None:  # "step N: checkpoint written to ... (X MB)"
+                self._progress.checkpoint(path, self.step, self.out_dir / "model" if export else None)
         barrier()
         return path
 
@@ -215,7 +216,7 @@ class Trainer:
 
         model = self.model
         if self._sharded():  # parameters are DTensor shards: a CPU copy from the gathered full state
-            from fastblip.models.blip import build_model
+            from fastblip.models import build_model
 
             model = build_model(self.model.cfg)
             model.load_state_dict(model_sd)
@@ -266,10 +267,14 @@ class Trainer:
                     indent=1))
                 rundir.truncate_log(self.out_dir / "log.jsonl", self.step)  # a killed run logged past its checkpoint
                 log_f = open(self.out_dir / "log.jsonl", "a")
-            if self.progress:
-                from tqdm import tqdm
+                from fastblip.train.progress import TB_DIR, TrainProgress, want_bar
 
-                bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
+                # a bar on a terminal, else one line per log_every steps (fastblip.train.progress); TensorBoard
+                # scalars beside log.jsonl when train.tensorboard
+                t = self.recipe.train
+                bar = self._progress = TrainProgress(
+                    self.total_steps, self.step, epochs=t.epochs, steps_per_epoch=self.steps_per_epoch,
+                    bar=want_bar(self.progress), tensorboard=self.out_dir / TB_DIR if t.tensorboard else None)
             while not self._finished():
                 before = self.step
                 self._train_epoch(bar, log_f)
@@ -282,14 +287,19 @@ class Trainer:
                     self._end_epoch(log_f, advance=True)
                 elif self.step >= self.total_steps:  # max_steps inside an epoch: resumable mid-epoch
                     self._end_epoch(log_f, advance=False)
+            t = self.recipe.train
+            if t.eval_at_end and not t.eval_every_epoch and self.recipe.data.eval:
+                # the final metrics hold the task's evaluation (retrieval recall, CIDEr, ...) when the recipe does
+                # not evaluate every epoch (the tiny CPU recipes: one evaluation instead of 15)
+                self._evaluate(log_f, max(0, self.step - 1) // self.steps_per_epoch)
             self._ensure_exported()  # --resume of a run killed during its export (or extended): export now
             self.last_metrics["data"] = self._data_stats()
-            if self.info.is_main:
-                s = self.last_metrics["data"]
-                log.info("data over this process's run: %d samples ok, skipped %s", s["ok"], s["skipped"] or "none")
+            if bar is not None:  # the last line: steps, time, data over this process's run
+                bar.finish(self.last_metrics["data"])
         finally:
             if bar is not None:
                 bar.close()
+            self._progress = None
             if log_f is not None:
                 log_f.close()
             self.run.close()  # the out_dir lock: released at the end of the run, whatever ended it
@@ -311,20 +321,21 @@ class Trainer:
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
                 alpha = alpha_at(self.step, spe, t)
-                self._alpha.fill_(alpha)  # a fill kernel, not a host-to-device copy: no sync            batch = batch.to(self.info.device)
+                self._alpha.fill_(alpha)  # a fill kernel, not a host-to-device copy: no sync
+            batch = batch.to(self.info.device)
             last = micro == accum - 1
             sync = contextlib.nullcontext()
             if not last and hasattr(self.step_module, "no_sync"):
                 sync = self.step_module.no_sync()  # DDP: all-reduce once per optimiser step
-            first = micro == 0
-            if first and self.external_momentum:
+            update_momentum = micro == 0  # once per optimiser step, before its first momentum forward
+            if update_momentum and self.external_momentum:
                 # FSDP2: between steps every parameter is a sharded DTensor, so the foreach update runs on the
                 # shards; inside forward the root unit's params are unsharded copies, discarded at reshard
                 self.model.momentum_update()
-                first = False
+                update_momentum = False
             with sync:
                 with self._autocast():
-                    out = self.step_module(batch, self._alpha, first_micro=first)
+                    out = self.step_module(batch, self._alpha, update_momentum=update_momentum)
                 (out["loss"] / accum).backward()
             for k, v in out.items():
                 if k.endswith("loss"):
@@ -364,31 +375,54 @@ class Trainer:
             self.epoch += 1
             self.loader.set_epoch(self.epoch)
         if t.eval_every_epoch and self.recipe.data.eval:
-            self.model.eval()
-            with torch.random.fork_rng(devices=[]), self._autocast():
-                metrics = self.task.evaluate(self.model, self.recipe, rank=self.info.rank,
-                                             world_size=self.info.world_size)
-            self.model.train()
-            self._log({"eval": metrics, "step": self.step, "epoch": self.epoch - int(advance)}, None, log_f)
-            self.last_metrics.update({f"eval_{k}": v for k, v in metrics.items()})
+            self._evaluate(log_f, self.epoch - int(advance))
         self.save(export=self._finished())
+
+    def _evaluate(self, log_f, epoch: int) -> dict:
+        """The task's evaluation of the current weights (training RNG untouched), logged and merged into the
+        final metrics as ``eval_*``."""
+        self.model.eval()
+        with torch.random.fork_rng(devices=[]), self._full_weights():
+            metrics = self.task.evaluate(self.model, self.recipe, rank=self.info.rank,
+                                         world_size=self.info.world_size, amp_dtype=self.amp_dtype)
+        self.model.train()
+        self._log({"eval": metrics, "step": self.step, "epoch": epoch}, None, log_f)
+        self.last_metrics.update({f"eval_{k}": v for k, v in metrics.items()})
+        return metrics
+
+    @contextlib.contextmanager
+    def _full_weights(self):
+        """FSDP2 keeps sharded DTensor parameters between steps; evaluation calls the model's own methods (not
+        the wrapped forward that gathers them), so every FSDP unit is unsharded for its duration."""
+        if not self._sharded():
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in self.step_module.modules() if isinstance(m, FSDPModule)]
+        for m in units:
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in units:
+                m.reshard()
 
     def _data_stats(self) -> dict:
         s = getattr(self.loader, "stats", None) or {}
         return {"ok": s.get("ok", 0), "skipped": dict(s.get("skipped", {}))}
 
     def _log(self, rec: dict, bar, log_f) -> None:
+        """One record of the run: log.jsonl (every record), then the bar or a log line and the TensorBoard
+        scalars (``self._progress``, rank 0; ``bar`` is the same object or None, kept for the callers)."""
         if "eval" not in rec:
             self.last_metrics.update({k: v for k, v in rec.items() if k.endswith("loss")})
             self.last_metrics["step"] = rec["step"]
         if log_f is not None:
             log_f.write(json.dumps(rec) + "\n")
             log_f.flush()
-        if bar is not None and "eval" not in rec:
-            terms = {k.replace("_loss", ""): v for k, v in rec.items() if k.endswith("loss")}
-            bar.set_postfix(**terms, lr=f"{rec['lr']:.2e}", ips=rec["img_per_sec"])
-        elif self.info.is_main and bar is None:
-            log.info("%s", json.dumps(rec))
+        if getattr(self, "_progress", None) is not None:
+            self._progress.record(rec)
 
 
 def train(recipe: Recipe, *, resume: bool = False, device: str | None = None, progress: bool = True) -> dict:

@@ -150,10 +150,25 @@ class Recipe:
 
     # ------------------------------------------------------------------ derived values
     def model_config(self) -> ModelConfig:
-        """The preset's ModelConfig with ``model.config`` applied; data/train keys that the model needs
-        (image size, text length, grad checkpointing) are taken from their sections."""
-        base = preset_config(self.model.preset, kind=_TASK_KIND.get(self.task, self.task))
-        cfg = from_dict(ModelConfig, _merge(dataclasses.asdict(base), self.model.config), prefix="model.config.")
+        """The preset's ModelConfig with ``model.config`` applied. One source of truth per setting: the image
+        size, the text length and the caption prompt live in the data section (``data.image_size``,
+        ``data.max_length``, ``data.prompt``) and reach the model from there; ``model.config`` naming one of
+        them with another value is an error naming both keys (it used to be overwritten silently)."""
+        from fastblip.tasks import get_task
+
+        base = preset_config(self.model.preset, kind=get_task(self.task).model_kind)
+        mc = self.model.config
+        shared = ((("vision", "image_size"), "data.image_size", self.data.image_size),
+                  (("max_text_len",), "data.max_length", self.data.max_length),
+                  (("prompt",), "data.prompt", self.data.prompt or None))
+        for path, data_key, value in shared:
+            given = mc
+            for k in path:
+                given = given.get(k) if isinstance(given, dict) else None
+            if given is not None and value is not None and given != value:
+                raise ConfigError(f"recipe keys 'model.config.{'.'.join(path)}' ({given!r}) and '{data_key}' "
+                                  f"({value!r}) disagree: set it once, as '{data_key}'")
+        cfg = from_dict(ModelConfig, _merge(dataclasses.asdict(base), mc), prefix="model.config.")
         cfg.vision.image_size = self.data.image_size
         cfg.max_text_len = self.data.max_length
         if self.train.grad_ckpt:
@@ -166,8 +181,7 @@ class Recipe:
         """The task's ``Options`` dataclass filled from ``task_options`` (unknown keys are errors)."""
         from fastblip.tasks import get_task
 
-        mod = get_task(self.task)
-        opts_cls = getattr(mod, "Options", None)
+        opts_cls = get_task(self.task).options
         if opts_cls is None:
             if self.task_options:
                 raise ConfigError(f"task '{self.task}' takes no task_options")
@@ -176,10 +190,6 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-_TASK_KIND = {"pretrain": "pretrain", "retrieval": "retrieval", "caption": "caption", "vqa": "vqa",
-              "nlvr": "nlvr", "video": "retrieval"}
 
 
 def preset_config(preset: str, kind: str = "pretrain") -> ModelConfig:

@@ -1,7 +1,7 @@
 """The training step, and how it is compiled (issue 14; DESIGN §4.9).
 
-``TrainStep`` is what DDP/FSDP wrap: its forward runs the model's ``training_forward`` (so the gradient hooks
-fire) and returns the named losses. ``compile_step`` applies the run's ``Backends.compile`` choice:
+``TrainStep`` is what DDP/FSDP wrap: its forward runs the model's ``training_step`` (the task contract,
+fastblip/tasks/contract.py; so the gradient hooks fire) and returns the named losses. ``compile_step`` applies the run's ``Backends.compile`` choice:
 
 - ``step``: the whole forward of the step is one ``torch.compile(fullgraph=True, dynamic=False)`` graph: the
   towers, the momentum update and the momentum forward, ITC against the queue, the enqueue, hard-negative
@@ -29,25 +29,17 @@ log = logging.getLogger("fastblip.train")
 
 
 class TrainStep(nn.Module):
-    """``forward(batch, alpha, first_micro) -> dict`` of ``*_loss`` terms and ``loss``."""
+    """``forward(batch, alpha, update_momentum) -> dict`` of ``*_loss`` terms and ``loss``."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        import inspect
 
-        params = inspect.signature(model.training_forward).parameters
-        self.takes_momentum_flag = "update_momentum" in params
-        if hasattr(model, "prompt_len"):  # the captioner tokenises its prompt once, outside any compiled graph
-            model.prompt_len()
-
-    def forward(self, batch, alpha: torch.Tensor | float, first_micro: bool = True) -> dict:
-        if self.takes_momentum_flag:
-            return self.model.training_forward(batch, alpha, update_momentum=first_micro)
-        return self.model.training_forward(batch, alpha)
+    def forward(self, batch, alpha: torch.Tensor | float, update_momentum: bool = True) -> dict:
+        return self.model.training_step(batch, alpha=alpha, update_momentum=update_momentum)
 
 
-# graphs a run may hold per compiled function: buckets (<= 5 at max_length 35) x first_micro (2), with room
+# graphs a run may hold per compiled function: buckets (<= 5 at max_length 35) x update_momentum (2), with room
 MAX_GRAPHS = 16
 
 
