@@ -128,3 +128,18 @@ def test_every_trainable_model_implements_training_step():
         assert type(m).training_step is not BlipBase.training_step, kind
         if momentum:
             m.momentum_update()
+
+
+@pytest.mark.parametrize("model_key,data_key,model_val,data_val", [
+    ("vision.image_size", "image_size", 384, 64), ("max_text_len", "max_length", 35, 30),
+    ("prompt", "prompt", "'a photo of '", "'a picture of '")])
+def test_one_source_per_setting(model_key, data_key, model_val, data_val):
+    """``model.config.vision.image_size=384`` with ``data.image_size=64`` built a 64 px model silently."""
+    from fastblip.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"model\.config\.{model_key}.*data\.{data_key}"):
+        read_recipe(RECIPE, [f"model.config.{model_key}={model_val}", f"data.{data_key}={data_val}"])
+    cfg = read_recipe(RECIPE, [f"model.config.{model_key}={data_val}", f"data.{data_key}={data_val}"]).model_config()
+    got = cfg.vision.image_size if data_key == "image_size" else (
+        cfg.max_text_len if data_key == "max_length" else repr(cfg.prompt))
+    assert str(got) == str(data_val)
