@@ -64,7 +64,7 @@ class _Format(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         from fastblip.train.progress import RUN_LOG
 
-        if record.name == RUN_LOG and record.levelno == logging.INFO:
+        if (record.name == RUN_LOG or record.name.startswith(RUN_LOG + ".")) and record.levelno == logging.INFO:
             return f"{self.formatTime(record, self.datefmt)} {record.getMessage()}"
         return super().format(record)
 

@@ -94,11 +94,18 @@ def _recipe(task: str, out: Path, train: list, eval_: list, epochs: int, bs: int
 def _train(recipe, progress: bool):
     from fastblip.train.loop import Trainer
 
-    t0 = time.perf_counter()
     tr = Trainer(recipe, progress=progress, overwrite=True)  # a rerun of the demo replaces its own stage
+    t0 = time.perf_counter()
     tr.fit()
     ckpts = sorted((Path(recipe.train.out_dir) / "checkpoints").glob("*.pt"))
     return tr.model.eval(), str(ckpts[-1]) if ckpts else None, tr.total_steps, time.perf_counter() - t0
+
+
+def _rate(steps: int, seconds: float, batch: int) -> dict:
+    """A training stage's speed, the figure a user compares with the README's (measured on idle cores)."""
+    sps = steps / seconds if seconds > 0 else 0.0
+    return {"steps": steps, "seconds": round(seconds, 2), "steps_per_sec": round(sps, 3),
+            "images_per_sec": round(sps * batch, 1)}
 
 
 def _losses(run_dir: Path) -> list[dict]:
@@ -295,9 +302,15 @@ def run_demo(out: str | Path = "demo_out", budget: str = "small", seed: int = 0,
     # the demo owns --out while it runs (a second demo into it is refused); a rerun replaces every stage's output
     # knowingly: each stage overwrites its own directory (Trainer/CapFilt overwrite=True)
     lock = acquire_lock(out, "demo", "demo --out")
+    from fastblip.train.progress import CKPT_LOG
+
+    ckpt_log = logging.getLogger(CKPT_LOG)
+    level = ckpt_log.level
+    ckpt_log.setLevel(logging.WARNING)  # a checkpoint per epoch of seconds: ~60 lines that say nothing here
     try:
         return _run_demo(out, bud, budget, seed, progress)
     finally:
+        ckpt_log.setLevel(level)
         lock.release()
 
 
@@ -310,25 +323,32 @@ def _run_demo(out: Path, bud: Budget, budget: str, seed: int, progress: bool) ->
     torch.manual_seed(seed)
     t_start, timings = time.perf_counter(), {}
 
-    def stage(name: str):
+    rates: dict[str, dict] = {}
+
+    def stage(name: str, trained: tuple | None = None):
         timings[name] = round(time.perf_counter() - t_start - sum(timings.values()), 2)
-        print(f"[demo] {name} done ({timings[name]:.1f} s)", flush=True)
+        speed = ""
+        if trained is not None:  # (steps, seconds of fit): a number to compare with the README's idle-core figure
+            r = rates[name] = _rate(*trained, bud.batch)
+            speed = f"; {r['steps']} steps at {r['steps_per_sec']:.2f} steps/s, {r['images_per_sec']:.0f} img/s"
+        print(f"[demo] {name} done ({timings[name]:.1f} s{speed})", flush=True)
 
     data = make_synthetic(out / "data", bud.web, NOISE, seed, image_size=64, human=bud.human, eval_num=bud.eval,
                           shard_size=64)
     stage("synthetic data")
     web_json, human_json, eval_json = data["web_json"], data["human_json"], data["eval_json"]
 
-    pre1, pre1_ckpt, steps, _ = _train(_recipe("pretrain", out / "pretrain_noisy", [human_json, web_json],
-                                               [eval_json], bud.pre_epochs, bud.batch, lr=PRETRAIN_LR), progress)
-    stage("pretrain on human + noisy web")
-    cap, _, _, _ = _train(_recipe("caption", out / "captioner", [human_json], [eval_json], bud.cap_epochs,
-                                  bud.batch, schedule="cosine", init_from=pre1_ckpt, prompt="a picture of "),
-                          progress)
-    stage("finetune captioner")
-    filt, _, _, _ = _train(_recipe("retrieval", out / "filter", [human_json], [eval_json], bud.filt_epochs,
-                                   bud.batch, schedule="cosine", init_from=pre1_ckpt, alpha_ramp=1.0, lr=FILTER_LR), progress)
-    stage("finetune filter")
+    pre1, pre1_ckpt, steps, secs = _train(_recipe("pretrain", out / "pretrain_noisy", [human_json, web_json],
+                                                  [eval_json], bud.pre_epochs, bud.batch, lr=PRETRAIN_LR), progress)
+    stage("pretrain on human + noisy web", (steps, secs))
+    cap, _, n, secs = _train(_recipe("caption", out / "captioner", [human_json], [eval_json], bud.cap_epochs,
+                                     bud.batch, schedule="cosine", init_from=pre1_ckpt, prompt="a picture of "),
+                             progress)
+    stage("finetune captioner", (n, secs))
+    filt, _, n, secs = _train(_recipe("retrieval", out / "filter", [human_json], [eval_json], bud.filt_epochs,
+                                      bud.batch, schedule="cosine", init_from=pre1_ckpt, alpha_ramp=1.0,
+                                      lr=FILTER_LR), progress)
+    stage("finetune filter", (n, secs))
 
     boot = out / "capfilt"
     cf = CapfiltRecipe(input=data["web"], output=str(boot), num_captions=1, method="nucleus", image_size=IMAGE, batch_size=64,
@@ -342,10 +362,10 @@ def _run_demo(out: Path, bud: Budget, budget: str, seed: int, progress: bool) ->
     # the same optimiser steps and lr schedule as the first pretraining: its steps per epoch, drawn with
     # replacement from human + filtered web + filtered synthetic (the bootstrapped set is smaller than human + web)
     boot_sources = [human_json] + sorted(str(p) for p in boot.glob("*.tar"))
-    pre2, _, _, _ = _train(_recipe("pretrain", out / "pretrain_boot", boot_sources, [eval_json], bud.pre_epochs,
-                                   bud.batch, lr=PRETRAIN_LR, max_steps=steps, batches_per_epoch=max(1, steps // bud.pre_epochs),
-                                   resampled=True), progress)
-    stage("pretrain on bootstrapped set")
+    pre2, _, n, secs = _train(_recipe("pretrain", out / "pretrain_boot", boot_sources, [eval_json], bud.pre_epochs,
+                                      bud.batch, lr=PRETRAIN_LR, max_steps=steps,
+                                      batches_per_epoch=max(1, steps // bud.pre_epochs), resampled=True), progress)
+    stage("pretrain on bootstrapped set", (n, secs))
 
     captions = _has_caption_metrics()
     report = {
@@ -362,6 +382,7 @@ def _run_demo(out: Path, bud: Budget, budget: str, seed: int, progress: bool) ->
     }
     stage("evaluation")
     report["seconds"] = timings
+    report["train_speed"] = rates  # per training stage: steps, seconds of fit, steps/s, img/s (batch 32)
     from fastblip.capfilt.viewer import build_view  # the bootstrapped data as browsable HTML (~1 s)
 
     report["capfilt"]["viewer"] = build_view(boot)["index"]

@@ -29,6 +29,9 @@ from pathlib import Path
 
 RUN_LOG = "fastblip.run"
 log = logging.getLogger(RUN_LOG)
+# a caller whose runs write a checkpoint every few seconds (the demo: one per epoch of a tiny model) sets this
+# logger above INFO to leave those lines out, on a terminal too
+CKPT_LOG = RUN_LOG + ".checkpoints"
 # lines no closer than this in a log: a tiny CPU run logs every 5 steps at ~10 steps/s, which would be 2 lines
 # a second; log.jsonl keeps every record
 LINE_SECONDS = 10.0
@@ -220,8 +223,9 @@ class TrainProgress(Progress):
         return self.show(fields, postfix)
 
     def checkpoint(self, path: Path | None, step: int, exported: Path | None = None) -> None:
-        """A checkpoint written (and the model exported): one line, with its size."""
-        if path is None:
+        """A checkpoint written (and the model exported): one line, with its size (unless ``CKPT_LOG``'s level
+        was set above INFO)."""
+        if path is None or logging.getLogger(CKPT_LOG).level > logging.INFO:
             return
         try:
             size = f" ({Path(path).stat().st_size / 2**20:.1f} MB)"
