@@ -78,10 +78,6 @@ class Progress:
             # a warning logged while the bar is drawn is printed above it (tqdm.write), not through it
             self._stack.enter_context(logging_redirect_tqdm())
 
-    @property
-    def is_bar(self) -> bool:
-        return self._bar is not None
-
     def update(self, n: int = 1) -> None:
         self.done += n
         if self._mark is None:
