@@ -17,13 +17,9 @@ Every figure in the report is what this run measured; nothing is asserted into i
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import os
 import re
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,33 +112,6 @@ def _losses(run_dir: Path) -> list[dict]:
     return [r for r in rows if "loss" in r and "eval" not in r]
 
 
-@contextlib.contextmanager
-def _without_ptb_chatter():
-    """The PTB tokenizer (pycocoevalcap's Java program) writes "PTBTokenizer tokenized N tokens at ..." straight
-    to file descriptor 2 on every call; the demo's log keeps everything else that is written there meanwhile."""
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):  # no real stderr (captured): nothing reaches a terminal
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(fd)
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        os.dup2(tmp.fileno(), fd)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, fd)
-            os.close(saved)
-            tmp.seek(0)
-            rest = [ln for ln in tmp.read().decode(errors="replace").splitlines(True)
-                    if not ln.startswith("PTBTokenizer tokenized")]
-            if rest:
-                sys.stderr.write("".join(rest))
-                sys.stderr.flush()
-
-
 def _evaluate(model, eval_json: str, with_captions: bool) -> dict:
     from fastblip.data.loader import build_loader
     from fastblip.eval.retrieval import evaluate_retrieval
@@ -153,8 +122,7 @@ def _evaluate(model, eval_json: str, with_captions: bool) -> dict:
         from fastblip.eval.caption_metrics import evaluate_captions
 
         loader = build_loader([eval_json], image_size=IMAGE, batch_size=64, train=False, num_workers=0)
-        with _without_ptb_chatter():
-            out.update(evaluate_captions(model, loader, prompt=""))  # pretraining decoder: no prompt
+        out.update(evaluate_captions(model, loader, prompt=""))  # pretraining decoder: no prompt
     return out
 
 

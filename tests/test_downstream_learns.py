@@ -29,6 +29,7 @@ def _start(recipe, init_from: Path, out: Path) -> None:
     recipe.model.init_from = str(init_from)
     recipe.train.out_dir = str(out)
     recipe.train.eval_every_epoch = False
+    recipe.train.eval_at_end = False  # the test evaluates once itself
 
 
 def _finetune_and_eval(recipe, task: str) -> dict:

@@ -8,6 +8,11 @@ fractions (CIDEr 1.333 is the paper's 133.3). Needs the optional ``eval`` extra 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
+
 import torch
 
 from fastblip.errors import InputError, MissingDependencyError
@@ -27,6 +32,34 @@ def _scorers():
     return Bleu, Cider, PTBTokenizer
 
 
+@contextlib.contextmanager
+def without_ptb_chatter():
+    """The PTB tokenizer (pycocoevalcap's Java program) writes "PTBTokenizer tokenized N tokens at ..." straight
+    to file descriptor 2 on every call; a caption evaluation (eval, finetune, demo) drops that line and keeps
+    everything else written there meanwhile."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stderr (captured): nothing reaches a terminal
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            rest = [ln for ln in tmp.read().decode(errors="replace").splitlines(True)
+                    if not ln.startswith("PTBTokenizer tokenized")]
+            if rest:
+                sys.stderr.write("".join(rest))
+                sys.stderr.flush()
+
+
 def caption_scores(candidates: dict, references: dict, tokenize: bool = True) -> dict[str, float]:
     """``candidates`` {image id: caption}, ``references`` {image id: [captions]} -> {"bleu4", "cider"}.
 
@@ -42,7 +75,8 @@ def caption_scores(candidates: dict, references: dict, tokenize: bool = True) ->
     res = {k: [{"caption": c}] for k, c in candidates.items()}
     if tokenize:
         tok = PTBTokenizer()
-        gts, res = tok.tokenize(gts), tok.tokenize(res)
+        with without_ptb_chatter():
+            gts, res = tok.tokenize(gts), tok.tokenize(res)
     else:
         gts = {k: [d["caption"] for d in v] for k, v in gts.items()}
         res = {k: [d["caption"] for d in v] for k, v in res.items()}

@@ -24,7 +24,7 @@ def _run(args: argparse.Namespace, verb: str) -> int:
     if verb == "finetune" and recipe.task == "pretrain":
         raise ConfigError("fastblip finetune: the recipe's task is 'pretrain'; use fastblip pretrain")
     trainer = Trainer(recipe, resume=args.resume, overwrite=args.overwrite, device=args.device,
-                      progress=not args.json and sys.stderr.isatty())
+                      progress=not args.json)  # a bar on a terminal, else log lines (train.progress)
     if trainer.info.is_main:  # every implementation choice of the run, once (also in out_dir/recipe.json)
         print(f"fastblip {verb}: {trainer.backends.line()}", file=sys.stderr, flush=True)
     metrics = trainer.fit()

@@ -44,7 +44,7 @@ RUN_NAME = "run.json"
 FAULT_ENV = "FASTBLIP_FAULT"
 FAULT_PHASES = ("step", "ckpt_write", "ckpt_rotate", "export")
 # files a training run writes at the top of its out_dir; --overwrite removes these and nothing else
-RUN_FILES = ("run.json", "recipe.json", "log.jsonl", "checkpoints", "model", "vqa_result.json")
+RUN_FILES = ("run.json", "recipe.json", "log.jsonl", "checkpoints", "model", "vqa_result.json", "tensorboard")
 STALE_GLOBS = ("checkpoints/.tmp-*.pt", "model.tmp-*", "model.tmp", "model.old-*", ".*.tmp-*")
 
 
