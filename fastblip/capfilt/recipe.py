@@ -36,7 +36,7 @@ class CapfiltRecipe:
     compile: bool = False  # torch.compile the two ViTs and the filter's text encoder
     dtype: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"  # auto = cuda:LOCAL_RANK when available, else cpu
-    progress: bool = True  # tqdm bar with images/sec on rank 0
+    progress: bool = True  # rank 0: a bar on a terminal, otherwise one line per shard
     max_image_bytes: int = 64 << 20  # input limits (fastblip/data/decode.py): larger members are skipped unread
     max_text_bytes: int = 1 << 20
 
