@@ -273,9 +273,19 @@ class CapFilt:
         self.cap, self.flt, self.r, self.device = captioner.eval(), filter_model.eval(), recipe, device
         self.tok = captioner.tokenizer
         self.prompt = recipe.prompt or captioner.cfg.prompt
-        use_bf16 = recipe.dtype == "bf16" or (recipe.dtype == "auto" and device.type == "cuda")
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-        if recipe.compile:
+        # every implementation choice of the run, once (fastblip.backends; the CLI prints backends.line())
+        import dataclasses
+
+        from fastblip.backends import resolve
+
+        bk = resolve(device, attention=captioner.cfg.attention_backend, ops="auto", compile=recipe.compile,
+                     amp=recipe.dtype, max_length=recipe.max_length)
+        self.backends = dataclasses.replace(bk, compile="models" if bk.compile != "off" else "off", optimizer="none",
+                                            data="pil", padding="max_length")
+        for m in {id(captioner): captioner, id(filter_model): filter_model}.values():
+            m.set_backends(attention=bk.attention, ops=dict(bk.ops))
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bk.amp == "bf16")
+        if self.backends.compile == "models":
             # ViTs and the filter's text encoder have static shapes (fixed image size, max_length texts)
             for m in {id(captioner): captioner, id(filter_model): filter_model}.values():
                 m.visual_encoder = torch.compile(m.visual_encoder)
@@ -584,6 +594,7 @@ def _run(recipe: CapfiltRecipe, urls: list[str], captioner, filter_model, rank: 
     from fastblip.train.progress import RUN_LOG, Progress, want_bar
 
     if rank == 0:
+        logging.getLogger(RUN_LOG).info("capfilt: %s", engine.backends.line())
         logging.getLogger(RUN_LOG).info("capfilt: %d input shards on %d rank(s); rank 0: %d already done, %d to do",
                                         len(urls), world_size, len(mine) - len(todo), len(todo))
     # rank 0: a bar on a terminal (recipe key progress), else a line per shard, at most one per 10 s
