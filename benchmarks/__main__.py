@@ -62,9 +62,19 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     env = environment(args.device)
     failed = 0
+    out_kw = {"out_dir": Path(args.out)} if args.out else {}
+
+    def partial(suite: str):
+        """Every suite's ``run(..., on_row=)`` hands over its rows as they are measured: the results files
+        are rewritten then, so a run stopped by a timeout (a short GPU loan) keeps every finished row."""
+        if args.no_write:
+            return None
+        return lambda rows: write_results(suite, clean_rows([dict(r) for r in rows]), env, args.size, **out_kw)
+
     for suite in SUITES if args.suite == "all" else (args.suite,):
         try:
-            rows = importlib.import_module(f"benchmarks.{suite}").run(device=args.device, size=args.size)
+            rows = importlib.import_module(f"benchmarks.{suite}").run(device=args.device, size=args.size,
+                                                                      on_row=partial(suite))
         except Exception as e:  # a suite that breaks is reported, and the others still run
             traceback.print_exc()
             rows, failed = [{"suite": suite, "error": f"{type(e).__name__}: {e}"}], failed + 1
@@ -73,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
               f"triton {env['triton']}, {env['date']})\n")
         print(markdown_table(rows))
         if not args.no_write:
-            path = write_results(suite, rows, env, args.size, **({"out_dir": Path(args.out)} if args.out else {}))
+            path = write_results(suite, rows, env, args.size, **out_kw)
             print(f"\nwrote {path}")
             if args.plot:
                 plot(rows, path.with_suffix(".png"))

@@ -27,7 +27,7 @@ def _cases(size: str):
     ]
 
 
-def run(device: str = "cpu", size: str = "tiny") -> list[dict]:
+def run(device: str = "cpu", size: str = "tiny", on_row=None) -> list[dict]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows = []
     impls = ["reference", "sdpa", "auto"]

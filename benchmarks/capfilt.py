@@ -66,7 +66,7 @@ def _time(fn, device, reps: int) -> float:
 
 
 def run(device: str = "cpu", size: str = "tiny", batch: int | None = None, reps: int = 2,
-        max_length: int = 30) -> list[dict]:
+        max_length: int = 30, on_row=None) -> list[dict]:
     import fastblip
     from fastblip.capfilt.pipeline import CapFilt, Item
     from fastblip.capfilt.recipe import CapfiltRecipe
@@ -105,6 +105,8 @@ def run(device: str = "cpu", size: str = "tiny", batch: int | None = None, reps:
         _reset_mem(dev)
         ours = _time(lambda: eng.caption_and_score("bench", items), dev, reps)
         rows.append(row("fastblip", ours, _mem(dev)))
+        if on_row:  # kept if the HF run does not finish (a timeout on a short loan)
+            on_row(rows)
         del cap, flt  # eng keeps them until the HF run replaces it
         eng = None
         rows.append(row("hf_transformers", *_hf(cap_hf_dir, flt_hf_dir, pix, texts, dev, max_length, reps)))

@@ -56,7 +56,7 @@ def _time(loader) -> tuple[float, int]:
     return n / max(time.perf_counter() - t0, 1e-9), n
 
 
-def run(device: str = "cpu", size: str = "tiny") -> list[dict]:
+def run(device: str = "cpu", size: str = "tiny", on_row=None) -> list[dict]:
     from fastblip.data import build_loader
 
     num, bs = SIZES[size]

@@ -15,7 +15,8 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
-PLAN=${1:-"tests:75|kernels:base:60|pretrain:base:170|capfilt:large:70|data:large:35|attention:base:20"}
+# ~6 minutes of stages (+ ~20 s of install): leaves a rerun's worth of a 15-minute loan
+PLAN=${1:-"tests:60|kernels:base:45|pretrain:base:150|capfilt:large:60|data:large:25|attention:base:15"}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 ROOT=$(cd "$(dirname "$0")/.." && pwd); cd "$ROOT"
 T0=$(date +%s)

@@ -119,7 +119,7 @@ def _time(fn, device: str, reps: int) -> tuple[float, float, float, float]:
     return statistics.median(ts), qs[1], qs[7], float("nan")
 
 
-def run(device: str = "cpu", size: str = "tiny") -> list[dict]:
+def run(device: str = "cpu", size: str = "tiny", on_row=None) -> list[dict]:
     """Time every op at ``size`` on ``device``; returns one row per (op, shape, impl)."""
     if size not in SIZES:
         raise ValueError(f"size {size!r} not in {sorted(SIZES)}")
@@ -145,6 +145,8 @@ def run(device: str = "cpu", size: str = "tiny") -> list[dict]:
             row["speedup_vs_reference"] = res["reference"]["ms_median"] / m if m == m and m > 0 else float("nan")
             cm = res["compiled-reference"]["ms_median"]
             row["speedup_vs_compiled"] = cm / m if m == m and m > 0 and not math.isnan(cm) else float("nan")
+        if on_row:  # after each op: a timeout keeps the ops already timed
+            on_row(rows)
     return rows
 
 

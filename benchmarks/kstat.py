@@ -392,7 +392,7 @@ COLUMNS = ["op", "kernel", "launches", "target", "grid", "meta", "warps", "stage
 
 
 # ----------------------------------------------------------------------------------------------- entry points
-def run(device: str = "cpu", size: str = "base") -> list[dict]:
+def run(device: str = "cpu", size: str = "base", on_row=None) -> list[dict]:
     """Suite entry for ``python -m benchmarks kstat``: analysis in a clean child process (no interpreter)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "kstat.json")

@@ -205,9 +205,10 @@ def _time_impl(base, cfg, batch, dev, s: dict, steps: int, warmup: int) -> dict:
 
 
 def run(device: str = "cpu", size: str = "tiny", steps: int | None = None, batch: int | None = None,
-        warmup: int | None = None, only: str | None = None) -> list[dict]:
+        warmup: int | None = None, only: str | None = None, on_row=None) -> list[dict]:
     """Rows {suite, impl, size, batch, images_per_sec, ratio_vs_reference, gflop_ref, gflop_exec, mfu,
-    mfu_exec, peak_mem_mb, device, backends}. ``only``: comma-separated row names to run (reference always)."""
+    mfu_exec, peak_mem_mb, device, backends}. ``only``: comma-separated row names to run (reference always).
+    ``on_row(rows)`` after each row (the rows so far), so a timeout keeps what finished."""
     from fastblip.models import build_model
 
     cfg, default_batch = _config(size)
@@ -234,6 +235,8 @@ def run(device: str = "cpu", size: str = "tiny", steps: int | None = None, batch
         if forced:  # the op's default already is its reference: this row would time fast_compiled again
             rows.append({"suite": "pretrain", "impl": impl, "size": size, "batch": batch, "device": name,
                          "note": f"same as fast_compiled: the CUDA default of {forced[0]} is its reference"})
+            if on_row:
+                on_row(rows)
             continue
         r = _time_impl(base, cfg, batch, dev, s, steps, warmup)
         exec_flops = r["flops_exec"] / batch
@@ -245,6 +248,8 @@ def run(device: str = "cpu", size: str = "tiny", steps: int | None = None, batch
                      "mfu": round(ips * flops_ref / (peak * 1e12), 4) if peak else None,
                      "mfu_exec": round(ips * exec_flops / (peak * 1e12), 4) if peak else None,
                      "peak_mem_mb": r["peak_mem_mb"], "device": name, "backends": r["backends"]})
+        if on_row:
+            on_row(rows)
     return rows
 
 
