@@ -195,6 +195,10 @@ def test_redirected_finetune_log_is_lines_with_checkpoints_and_recall(synth, tmp
     assert "eval at step 6" in err and "r_mean" in err and "train finished at step 6/6" in err
     final = json.loads(r.stdout.strip().splitlines()[-1])
     assert 0.0 <= final["eval_r_mean"] <= 100.0 and {"eval_txt_r1", "eval_img_r1", "loss"} <= set(final)
+    # every implementation choice of the run: one line at start, and the record in recipe.json
+    assert err.count("fastblip finetune: backends: device=cpu attention=sdpa itc_loss=reference") == 1, err
+    rec = json.loads((out / "recipe.json").read_text())["backends"]
+    assert rec["compile"] == "off" and rec["amp"] == "fp32" and rec["ops"]["cross_attention"] == "reference"
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
