@@ -2,7 +2,10 @@
 
 Statistical test: many identical rows give many independent draws from one distribution; a chi-square
 goodness-of-fit test against softmax + eps with positives zeroed must not reject at p < 1e-4 (fixed seeds,
-so the test is deterministic; a sampler off by a few percent on a 0.2-probability column fails it).
+so the test is deterministic). Its power, computed for moving part of a 0.2-probability column's mass to a
+0.1 column (10 degrees of freedom): 1,500 rows catch a 20% shift, 500 rows a 35% shift. The interpreter runs
+one program per row (~10 ms each), so on CPU the Triton rows draw 500 times; that the kernel's draws are
+exactly Gumbel-max over its own Philox stream is tested draw by draw below, at any size.
 """
 
 import pytest
@@ -34,7 +37,7 @@ def _gen(device, seed):
 def test_sampling_frequencies_match_weights(device, backend, eps):
     if backend == "triton":
         _skip_cpu_without_interpreter(device)
-    R, C = 1500, 13
+    R, C = (500 if backend == "triton" and device == "cpu" else 1500), 13
     g = torch.Generator().manual_seed(5)
     row_a = torch.randn(C, generator=g) * 1.5
     row_b = torch.randn(C, generator=g) * 1.5
