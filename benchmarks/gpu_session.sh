@@ -50,7 +50,8 @@ for stage in "${STAGES[@]}"; do
   s0=$(date +%s); log "stage $stage (size ${size:-n/a}, timeout ${secs}s)"
   case "$name" in
     tests)
-      timeout -k 5 "$secs" python3 -m pytest -q -m gpu tests -p no:cacheprovider \
+      # a test module needing a package the GPU machine lacks (selenium, av, ...) must not stop the others
+      timeout -k 5 "$secs" python3 -m pytest -q -m gpu tests -p no:cacheprovider --continue-on-collection-errors \
         --junitxml="$OUT/tests.xml" 2>&1 | tee -a "$OUT/log.txt" | tail -15
       rc=${PIPESTATUS[0]} ;;
     data)
