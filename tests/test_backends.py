@@ -64,3 +64,22 @@ def test_requests_that_cannot_be_served_are_errors(monkeypatch):
 
 def test_fsdp2_compiles_per_block():
     assert resolve("cuda", compile=True, padding="auto", distributed="fsdp2").compile == "blocks"
+
+
+def test_a_run_fails_on_its_backends_before_taking_its_out_dir(tmp_path, monkeypatch):
+    """An unservable request is refused before the run writes anything (no lock, no run.json): fixing the
+    recipe and running again needs no --overwrite."""
+    from pathlib import Path
+
+    import fastblip.data.dali as dali
+    from fastblip.train.loop import Trainer
+    from fastblip.train.recipe import read_recipe
+
+    monkeypatch.setattr(dali, "HAS_DALI", False)
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "pretrain_tiny_cpu.yaml"
+    out = tmp_path / "run"
+    r = read_recipe(recipe, ["data.synthetic={}", "data.train=[x.json]", f"train.out_dir={out}",
+                             "data.backend=dali"])
+    with pytest.raises(BackendUnavailableError, match="DALI"):
+        Trainer(r, progress=False, device="cpu")
+    assert not (out / "run.json").exists()

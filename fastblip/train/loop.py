@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
 from fastblip.errors import InputError
 from fastblip.train import checkpoint as ck
@@ -83,6 +84,16 @@ class Trainer:
         self.task = get_task(recipe.task)
         # what must match to resume (the model config is the recipe's, known before building anything)
         model_cfg = (model.cfg if model is not None else recipe.model_config()).to_dict()
+        # every implementation choice of the run, once (printed by the CLI, written into recipe.json); an
+        # explicit request that cannot be served fails here, before the run takes its out_dir
+        from fastblip.backends import resolve
+
+        d = recipe.data
+        self.backends = resolve(self.info.device, attention=model_cfg["attention_backend"],
+                                ops=model_cfg["ops_backend"] or "auto", compile=t.compile, amp=t.amp,
+                                data=d.backend, padding=d.padding, max_length=d.max_length,
+                                distributed=t.distributed if self.info.enabled else "none")
+        d.padding = self.backends.padding  # the loader pads as resolved (buckets when compiled)
         self.fp = ck.fingerprint(model_cfg, recipe.data.batch_size, t.grad_accum, self.info.world_size)
         self.fp["distributed"] = t.distributed if self.info.enabled else "none"  # optimiser state layouts differ
         # lock, leftovers of a killed run, run identity; a non-empty out_dir needs --resume or --overwrite
@@ -106,15 +117,6 @@ class Trainer:
         rundir.install_step_fault(self.model)  # FASTBLIP_FAULT=step@N (fault tests); nothing otherwise
         torch.manual_seed(t.seed + self.info.rank)  # per-rank dropout / sampling streams
 
-        # every implementation choice of the run, once (printed by the CLI, written into recipe.json)
-        from fastblip.backends import resolve
-
-        d = recipe.data
-        self.backends = resolve(self.info.device, attention=self.model.cfg.attention_backend,
-                                ops=self.model.cfg.ops_backend or "auto", compile=t.compile, amp=t.amp,
-                                data=d.backend, padding=d.padding, max_length=d.max_length,
-                                distributed=t.distributed if self.info.enabled else "none")
-        d.padding = self.backends.padding  # the loader pads as resolved (buckets when compiled)
         self.model.set_backends(attention=self.backends.attention, ops=dict(self.backends.ops))
         self.loader = self.task.build_loader(recipe, train=True, rank=self.info.rank,
                                              world_size=self.info.world_size, epoch=0)
@@ -135,7 +137,8 @@ class Trainer:
         self._alpha = torch.zeros((), device=self.info.device)  # a device tensor: see fastblip.train.step
         # after wrapping: FSDP2 replaces the parameters by sharded DTensor parameters
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=self.backends.optimizer == "adamw_fused" or None)
+        self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay,
+                                           fused=self.backends.optimizer == "adamw_fused" or None)
         # FSDP2: the trainer updates the momentum encoders itself, between steps (see _train_epoch)
         self.external_momentum = self.info.enabled and t.distributed == "fsdp2" and self.model.has_momentum
         self.step, self.epoch = 0, 0
@@ -325,7 +328,7 @@ class Trainer:
             batch = batch.to(self.info.device)
             last = micro == accum - 1
             sync = contextlib.nullcontext()
-            if not last and hasattr(self.step_module, "no_sync"):
+            if not last and isinstance(self.step_module, DistributedDataParallel):
                 sync = self.step_module.no_sync()  # DDP: all-reduce once per optimiser step
             update_momentum = micro == 0  # once per optimiser step, before its first momentum forward
             if update_momentum and self.external_momentum:
