@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from fastblip.data.synth import COLOURS, SHAPES, render_scene
+from fastblip.errors import ConfigError
 
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 QUESTION_TYPES = ("color", "count", "shape")
@@ -41,7 +42,7 @@ def _save(img: Image.Image, path: Path) -> None:
 
 def _check(n: int, image_size: int) -> None:
     if n < 1 or image_size < 16:
-        raise ValueError(f"need at least 1 sample and image_size >= 16, got {n}, {image_size}")
+        raise ConfigError(f"task_options.synthetic: need at least 1 sample and image_size >= 16, got {n}, {image_size}")
 
 
 def vqa_question(scene, qtype: str) -> tuple[str, str]:
@@ -177,7 +178,7 @@ def ensure_downstream(kind: str, spec: dict) -> None:
     if not spec:
         return
     if "out_dir" not in spec:
-        raise ValueError("recipe key 'task_options.synthetic' needs an 'out_dir'")
+        raise ConfigError("recipe key 'task_options.synthetic' needs an 'out_dir'")
     import torch.distributed as dist
 
     marker, make = _MAKERS[kind]
@@ -186,6 +187,6 @@ def ensure_downstream(kind: str, spec: dict) -> None:
         try:
             make(**spec)
         except TypeError as e:
-            raise ValueError(f"recipe key 'task_options.synthetic': {e}") from None
+            raise ConfigError(f"recipe key 'task_options.synthetic': {e}") from None
     if distributed:
         dist.barrier()

@@ -108,7 +108,7 @@ def test_dali_random_augment_ops_match_pil():
     plan = DaliPlan(64, train=True, scale=(0.5, 1.0), randaugment=True, hflip=True)
     params = [TrainParams((50, 60, 300, 380), i % 2 == 1, v[0]) for i, v in enumerate(OPS.values())]
     data = torch.from_numpy(np.frombuffer(jpg * len(params), np.uint8).copy())
-    b = EncodedBatch(data, [i * len(jpg) for i in range(len(params) + 1)], params, None, None, None)
+    b = EncodedBatch(data, [i * len(jpg) for i in range(len(params) + 1)], params)
     fed = [plan.feed(b)]
 
     def source():

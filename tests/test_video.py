@@ -17,6 +17,7 @@ from fastblip.eval.video import (  # noqa: E402
     evaluate_video_retrieval,
     load_video_frames,
     sample_indices,
+    video_loader,
     video_qa,
 )
 from fastblip.models import build_model  # noqa: E402
@@ -35,6 +36,11 @@ def test_sampling_and_decode(clips):
     assert not torch.allclose(fr[0], fr[-1])  # the shapes move
     with pytest.raises(FileNotFoundError):
         load_video_frames(f"{clips['video_root']}/missing.mp4")
+    # the loader's video format yields the same frames as the path function
+    b = next(iter(video_loader([clips["test_json"]], image_size=32, num_frames=8, batch_size=1,
+                               video_root=clips["video_root"])))
+    assert b.pixel_values.shape == (1, 8, 3, 32, 32)
+    torch.testing.assert_close(b.pixel_values[0], fr, rtol=0, atol=0)
 
 
 def test_video_retrieval_and_qa_paths(clips):
@@ -50,12 +56,14 @@ def test_video_retrieval_and_qa_paths(clips):
     want = F.normalize(m.vision_proj(emb[:, 0]).view(2, 8, -1).mean(1), dim=-1)
     torch.testing.assert_close(feat, want, rtol=1e-5, atol=1e-6)
     assert tokens.shape == (2, 8 * emb.shape[1], emb.shape[2])
-    r = evaluate_video_retrieval(m, paths, [a["caption"] for a in ann], k_test=4)
+    loader = video_loader([clips["test_json"]], image_size=32, batch_size=4, video_root=clips["video_root"])
+    r = evaluate_video_retrieval(m, loader, k_test=4)
     assert set(r) >= {"txt_r1", "img_r1", "img_r10", "r_mean"} and r["img_r10"] == 100.0
     vqa = build_model(tiny_config("vqa", ops_backend="reference")).eval()
-    answers = video_qa(vqa, paths[:3], [a["question"] for a in ann[:3]], answer_list=["red", "blue", "green"],
-                       k_test=2)
-    assert len(answers) == 3 and set(answers) <= {"red", "blue", "green"}
+    qa = video_loader([clips["test_json"]], image_size=32, batch_size=4, video_root=clips["video_root"], mode="qa")
+    answers, gold = video_qa(vqa, qa, answer_list=["red", "blue", "green"], k_test=2)
+    assert len(answers) == len(gold) == len(ann) and set(answers) <= {"red", "blue", "green"}
+    assert gold == [a["answer"] if isinstance(a["answer"], str) else a["answer"][0] for a in ann]
     assert np.isfinite(r["r_mean"])
 
 
@@ -82,9 +90,9 @@ def test_fastblip_eval_video_recipe_end_to_end(tmp_path, capsys):
     assert set(got) >= {"txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"}
     ann = json.loads((synth / "video_test.json").read_text())
     assert len(ann) == 6
-    paths = [str(synth / "videos" / f"{a['clip_name']}.mp4") for a in ann]
-    want = evaluate_video_retrieval(fastblip.load(tmp_path / "model", image_size=64), paths,
-                                    [a["caption"] for a in ann], k_test=4)
+    want = evaluate_video_retrieval(fastblip.load(tmp_path / "model", image_size=64),
+                                    video_loader([synth / "video_test.json"], image_size=64, batch_size=4,
+                                                 video_root=str(synth / "videos")), k_test=4)
     for k, v in want.items():
         assert got[k] == pytest.approx(v, abs=1e-9), k
     assert got["img_r10"] == 100.0  # 6 videos: every text's video is in its top 10

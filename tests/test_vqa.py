@@ -174,7 +174,7 @@ def _tiny_recipe(synth_dir, out_dir, *extra):
 
 
 def test_resume_is_bit_exact(tmp_path):
-    """N + resume + N == 2N through the shared Trainer and JsonTaskLoader (state_dict / load_state_dict): 8 images x 3
+    """N + resume + N == 2N through the shared Trainer and the one data pipeline (state_dict / load_state_dict): 8 images x 3
     questions / batch 8 = 3 steps per epoch, so the 2 + 2 split resumes mid-epoch and crosses an epoch end."""
     from fastblip.train import checkpoint as ck
     from fastblip.train.loop import Trainer

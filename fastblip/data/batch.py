@@ -5,9 +5,26 @@ Legend: B batch, L text length (the batch's longest caption, or its length bucke
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
+
+
+class TensorFields:
+    """``len``, ``to`` and ``pin_memory`` for a batch dataclass: every tensor field moves, the rest is kept."""
+
+    def __len__(self) -> int:
+        return int(self.pixel_values.shape[0])
+
+    def _map(self, fn):
+        return replace(self, **{f.name: fn(v) for f in fields(self)
+                                if isinstance(v := getattr(self, f.name), torch.Tensor)})
+
+    def to(self, device, non_blocking: bool = True):
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self):
+        return self._map(lambda t: t.pin_memory())
 
 
 @dataclass
@@ -96,24 +113,25 @@ def collate(
 
 @dataclass
 class EncodedBatch:
-    """What the loader workers hand a GPU decoder (data/dali.py): still-encoded images, each sample's drawn
-    transform, and the tokenised texts. ``data`` holds the payloads back to back (one shared-memory tensor
-    crosses the worker boundary instead of B pickled byte strings); sample i is
-    ``data[offsets[i]:offsets[i + 1]]``.
-    """
+    """What the loader workers hand a GPU decoder (data/dali.py): still-encoded images, each image's drawn
+    transform, and the collated text part of the task's batch. ``data`` holds the payloads back to back (one
+    shared-memory tensor crosses the worker boundary instead of B·K pickled byte strings); payload j is
+    ``data[offsets[j]:offsets[j + 1]]``, and sample i owns payloads ``i·K .. i·K + K − 1`` (K images per
+    sample: 1, or 2 for NLVR2). ``fields`` keeps each sample's uncollated text fields so a batch can be
+    re-collated without some of its samples (the PIL fallback)."""
 
     data: torch.Tensor  # (total,) uint8
-    offsets: list[int]  # B + 1
-    params: list  # per sample: TrainParams (train) or None (eval)
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    image_ids: torch.Tensor
+    offsets: list[int]  # B·K + 1
+    params: list  # per payload: TrainParams (train) or None (eval)
+    text: dict = field(default_factory=dict)  # SampleFormat.collate_text of the samples
+    image_ids: list[int] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
     meta: list[dict] = field(default_factory=list)
+    fields: list[dict] = field(default_factory=list)
+    per_sample: int = 1  # K
 
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        return (len(self.offsets) - 1) // self.per_sample
 
-    def payload(self, i: int) -> bytes:
-        return self.data[self.offsets[i] : self.offsets[i + 1]].numpy().tobytes()
+    def payload(self, j: int) -> bytes:
+        return self.data[self.offsets[j] : self.offsets[j + 1]].numpy().tobytes()

@@ -40,7 +40,9 @@ from collections import deque
 import numpy as np
 import torch
 
-from .batch import Batch, EncodedBatch, collate, tokenize
+from fastblip.errors import ConfigError, MissingDependencyError
+
+from .batch import EncodedBatch
 from .dataset import MAX_LOGGED
 from .decode import DecodeError, decode_image, probe_image
 from .transforms import MEAN, STD, EvalTransform, TrainParams, TrainTransform, affine_data
@@ -62,8 +64,8 @@ MAX_FAILED_IN_A_ROW = 3  # DALI failures that PIL finds no bad image in: a bug, 
 
 def require_dali() -> None:
     if not HAS_DALI:
-        raise ImportError(
-            f"backend='dali' needs NVIDIA DALI (pip install nvidia-dali-cuda130): {DALI_IMPORT_ERROR}"
+        raise MissingDependencyError(
+            f"data.backend=dali needs NVIDIA DALI (pip install nvidia-dali-cuda130): {DALI_IMPORT_ERROR}"
         )
 
 
@@ -88,21 +90,23 @@ class DaliPlan:
         params = self.transform.params(w, h, rng) if self.train else None
         return (payload, params), converted
 
-    def collate(self, samples: list[tuple], texts: list[str], ids: list[int], keys: list[str], metas: list[dict],
-                tokenizer, max_length: int, padding: str) -> EncodedBatch:  # fmt: skip
-        offsets = np.zeros(len(samples) + 1, dtype=np.int64)
-        offsets[1:] = np.cumsum([len(p) for p, _ in samples])
-        data = torch.from_numpy(np.frombuffer(b"".join(p for p, _ in samples), dtype=np.uint8).copy())
-        enc = tokenize(texts, tokenizer, max_length, padding)
-        return EncodedBatch(data, offsets.tolist(), [q for _, q in samples], enc["input_ids"],
-                            enc["attention_mask"], torch.tensor(ids, dtype=torch.long), keys, texts,
-                            metas)  # fmt: skip
+    def collate(self, samples: list[list[tuple]], text: dict, ids: list[int], keys: list[str], metas: list[dict],
+                fields: list[dict]) -> EncodedBatch:  # fmt: skip
+        """``samples``: per sample, its K images' (payload, params) from ``encode``; ``text``: the format's
+        collated text part."""
+        flat = [x for s in samples for x in s]
+        offsets = np.zeros(len(flat) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(p) for p, _ in flat])
+        data = torch.from_numpy(np.frombuffer(b"".join(p for p, _ in flat), dtype=np.uint8).copy())
+        return EncodedBatch(data, offsets.tolist(), [q for _, q in flat], text, ids, keys, metas, fields,
+                            per_sample=len(samples[0]))  # fmt: skip
 
     def feed(self, b: EncodedBatch) -> tuple:
-        """The external-source inputs of one batch (see ``build_pipeline``): the payloads, then (train) crop
-        anchors and shapes (B, 2), flips (B,) and per RandomAugment slot its kinds (B,) and maps (B, 2, 3)."""
+        """The external-source inputs of one batch (see ``build_pipeline``): the B·K payloads, then (train)
+        crop anchors and shapes (B·K, 2), flips (B·K,) and per RandomAugment slot its kinds (B·K,) and maps
+        (B·K, 2, 3)."""
         buf = b.data.numpy()
-        images = [buf[b.offsets[i] : b.offsets[i + 1]] for i in range(len(b))]
+        images = [buf[b.offsets[j] : b.offsets[j + 1]] for j in range(len(b.offsets) - 1)]
         if not self.train:
             return (images,)
         crops = np.array([p.crop for p in b.params], dtype=np.float32).reshape(-1, 4)
@@ -211,7 +215,10 @@ class DaliLoader:
     def __init__(self, inner, *, device=None, num_threads: int = 2, prefetch: int = 2):
         require_dali()
         self.inner, self.plan, self.tokenizer = inner, inner.stream.transform, inner.stream.tokenizer
-        self.cfg = inner.cfg
+        self.fmt, self.cfg = inner.stream.fmt, inner.cfg
+        if self.fmt.decodes_video:
+            raise ConfigError(f"data.backend=dali does not decode videos (task format '{self.fmt.name}': PyAV "
+                             "decodes frames in the loader workers); use data.backend=pil")
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if self.device.type == "cuda":
             self.device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
@@ -269,29 +276,33 @@ class DaliLoader:
         return self.plan.feed(item[0])
 
     def _build(self):
-        return build_pipeline(self.plan, self._source, batch_size=self.cfg.batch_size, device_id=self.device_id,
+        return build_pipeline(self.plan, self._source, batch_size=self.cfg.batch_size * self.fmt.images_per_sample,
+                              device_id=self.device_id,
                               num_threads=self.num_threads, seed=self.cfg.seed, prefetch=self.prefetch)  # fmt: skip
 
-    def _batch(self, pixels: torch.Tensor, b: EncodedBatch) -> Batch:
-        on = self.device
-        return Batch(pixels, b.input_ids.to(on), b.attention_mask.to(on), b.image_ids.to(on), b.keys, b.texts,
-                     b.meta)  # fmt: skip
+    def _batch(self, pixels: torch.Tensor, b: EncodedBatch):
+        """The task's batch from DALI's (B·K, 3, S, S) pixels and the worker's collated text part."""
+        out = self.fmt.assemble(pixels.view(len(b), b.per_sample, *pixels.shape[1:]), b.text, b.image_ids, b.keys,
+                                b.meta)  # fmt: skip
+        return out.to(self.device) if self.device.type != "cpu" else out
 
-    def _with_pil(self, b: EncodedBatch, err: Exception) -> tuple[Batch | None, int]:
-        """Redo a batch DALI failed on with PIL: same drawn transforms; what PIL rejects too is skipped.
-        Returns the batch (None when nothing was left) and how many samples PIL rejected."""
+    def _with_pil(self, b: EncodedBatch, err: Exception):
+        """Redo a batch DALI failed on with PIL: same drawn transforms; a sample with an image PIL rejects too
+        is skipped. Returns the batch (None when nothing was left) and how many samples PIL rejected."""
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
         detail = next((ln for ln in lines if "sample #" in ln), next((ln for ln in lines if "rror" in ln), ""))
-        if (m := re.search(r"sample #(\d+)", detail)) and int(m.group(1)) < len(b):
-            detail += f" (key {b.keys[int(m.group(1))]})"
+        K = b.per_sample
+        if (m := re.search(r"sample #(\d+)", detail)) and int(m.group(1)) < len(b) * K:
+            detail += f" (key {b.keys[int(m.group(1)) // K]})"
         shard = b.meta[0].get("shard") if b.meta else "?"
         log.warning("DALI failed on a batch of %d in %s: %s; redoing the batch with PIL", len(b), shard, detail)
         stats = self.inner.stats
         stats["dali_fallback_batches"] = stats.get("dali_fallback_batches", 0) + 1
         pix, keep = [], []
+        t = self.plan.transform
         for i in range(len(b)):
             try:
-                img, _ = decode_image(b.payload(i), self.cfg.max_pixels)
+                imgs = [decode_image(b.payload(i * K + k), self.cfg.max_pixels)[0] for k in range(K)]
             except DecodeError as e:
                 stats["ok"] -= 1
                 stats["skipped"][e.reason] = stats["skipped"].get(e.reason, 0) + 1
@@ -299,14 +310,15 @@ class DaliLoader:
                     self._logged += 1
                     log.warning("skipped sample %s in %s: %s", b.keys[i], b.meta[i].get("shard"), e)
                 continue
-            t = self.plan.transform
-            pix.append(t.apply(img, b.params[i]) if self.plan.train else t(img))
+            pix += [t.apply(img, b.params[i * K + k]) if self.plan.train else t(img) for k, img in enumerate(imgs)]
             keep.append(i)
         rejected = len(b) - len(keep)
         if not keep:
             return None, rejected
-        out = collate(pix, [b.texts[i] for i in keep], [int(b.image_ids[i]) for i in keep], [b.keys[i] for i in keep],
-                      [b.meta[i] for i in keep], self.tokenizer, self.cfg.max_length, self.cfg.padding)  # fmt: skip
+        text = self.fmt.collate_text([b.fields[i] for i in keep], self.tokenizer, self.cfg)
+        pixels = torch.stack(pix).view(len(keep), K, *pix[0].shape)
+        out = self.fmt.assemble(pixels, text, [b.image_ids[i] for i in keep], [b.keys[i] for i in keep],
+                                [b.meta[i] for i in keep])  # fmt: skip
         return (out.to(self.device) if self.device.type != "cpu" else out), rejected
 
     def __iter__(self):

@@ -23,19 +23,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .batch import collate
 from .decode import (
     DEFAULT_MAX_PIXELS,
     DecodeError,
-    decode_image,
     max_image_bytes,
     max_text_bytes,
     read_regular_file,
 )
-from .readers import iter_tar, split_sample
-from .text import clean_caption_bytes, pre_caption
+from .formats import CAPTIONS, SampleFormat
+from .readers import iter_tar
 
 log = logging.getLogger("fastblip.data")
 MAX_LOGGED = 5  # per worker: the first few bad samples are logged with shard and key, the rest only counted
@@ -61,8 +60,9 @@ class StreamConfig:
     prompt: str = ""
     padding: str = "longest"
     max_pixels: int = DEFAULT_MAX_PIXELS
-    # input size limits (decode.py): an image file / tar member, and a caption / .json member; defaults from
-    # the process's limits (FASTBLIP_MAX_IMAGE_BYTES / FASTBLIP_MAX_TEXT_BYTES, set by the recipe)
+    # input size limits (decode.py): an image file / tar member, and a caption / .json member. A recipe's
+    # come from data.max_image_bytes / data.max_text_bytes (open_loader); the defaults are the process's
+    # (FASTBLIP_MAX_IMAGE_BYTES / FASTBLIP_MAX_TEXT_BYTES)
     max_image_bytes: int = field(default_factory=max_image_bytes)
     max_text_bytes: int = field(default_factory=max_text_bytes)
     extra: dict = field(default_factory=dict)
@@ -161,9 +161,9 @@ class UnitCursor:
 
 
 class BlipStream(IterableDataset):
-    def __init__(self, cfg: StreamConfig, transform, tokenizer):
+    def __init__(self, cfg: StreamConfig, transform, tokenizer, fmt: SampleFormat = CAPTIONS):
         super().__init__()
-        self.cfg, self.transform, self.tokenizer = cfg, transform, tokenizer
+        self.cfg, self.transform, self.tokenizer, self.fmt = cfg, transform, tokenizer, fmt
         # A transform with ``encodes = True`` (dali.DaliPlan) gets the bytes instead of a decoded image:
         # ``encode(bytes, max_pixels, rng) -> (sample, converted)`` and ``collate(...) -> EncodedBatch``.
         self.encodes = bool(getattr(transform, "encodes", False))
@@ -182,45 +182,44 @@ class BlipStream(IterableDataset):
 
     # -- one sample -------------------------------------------------------------------------------
     def _process(self, raw: dict, rng: np.random.Generator, counts: dict) -> tuple | None:
-        cfg = self.cfg
+        """(pixels per image, text fields, image id, key, meta) of one raw sample, or None when skipped (the
+        reason counted in ``counts``, the first few logged). The order of checks, and of draws from ``rng``
+        (the format's fields, then each image's transform in order), is the same on both backends."""
+        cfg, fmt = self.cfg, self.fmt
+        payloads: list = []
         if "__json__" in raw:
             it = raw["__json__"]
-            key, shard = it["key"], it["image"]
-            cap = it.get("caption")
-            cap_b = cap if isinstance(cap, str) else None
-            if cap_b is not None and len(cap_b) > cfg.max_text_bytes:  # chars <= UTF-8 bytes: never too strict
-                img_b, problem = None, "too_large"
-            else:  # a regular file only (not /dev/zero, not a FIFO), at most max_image_bytes
-                img_b, problem = read_regular_file(it["image"], cfg.max_image_bytes)
-            meta_in, image_id = it, it["image_id"]
+            key, shard, image_id, meta_in = it["key"], it["image"], it["image_id"], it
+            paths, text, problem = fmt.json_sample(it, cfg)
+            for path in paths if problem is None else ():
+                # a regular file only (not /dev/zero, not a FIFO), at most max_image_bytes
+                data, problem = read_regular_file(path, cfg.max_image_bytes)
+                if problem is not None:
+                    shard = path
+                    break
+                payloads.append(data)
         else:
             key, shard = raw["__key__"], raw["__shard__"]
-            img_b, _, cap_b, meta_in, problem = split_sample(raw)
+            payloads, text, meta_in, problem = fmt.tar_sample(raw, cfg)
             iid = meta_in.get("image_id")
             image_id = iid if isinstance(iid, int) and not isinstance(iid, bool) else key_image_id(key)
-        text = None
+        fields = None
         if problem is None:
-            text, problem = clean_caption_bytes(cap_b)
-        if problem is None:
-            text = pre_caption(text, cfg.max_words)
-            if not text:
-                problem = "empty_caption"
+            fields, problem = fmt.fields(text, meta_in, cfg, rng)
+        detail = problem
         if problem is None:
             try:
                 if self.encodes:  # a GPU decoder downstream: validate and draw the transform, no pixels
-                    pixels, converted = self.transform.encode(img_b, cfg.max_pixels, rng)
+                    done = [self.transform.encode(b, cfg.max_pixels, rng) for b in payloads]
                 else:
-                    img, converted = decode_image(img_b, cfg.max_pixels)
-                    pixels = None
+                    done = [d for b in payloads for d in fmt.decode(b, cfg.max_pixels)]
             except DecodeError as e:
-                problem = e.reason
-                detail = str(e)
+                problem, detail = e.reason, str(e)
             else:
-                if converted:
-                    conv = counts["converted"]
-                    conv[converted] = conv.get(converted, 0) + 1
-        else:
-            detail = problem
+                conv = counts["converted"]
+                for _, converted in done:
+                    if converted:
+                        conv[converted] = conv.get(converted, 0) + 1
         if problem is not None:
             sk = counts["skipped"]
             sk[problem] = sk.get(problem, 0) + 1
@@ -228,23 +227,18 @@ class BlipStream(IterableDataset):
                 self._logged += 1
                 log.warning("skipped sample %s in %s: %s", key, shard, detail)
             return None
-        if pixels is None:
-            pixels = self.transform(img, rng)
+        pixels = [d for d, _ in done] if self.encodes else [self.transform(img, rng) for img, _ in done]
         counts["ok"] += 1
-        meta = {"noisy": meta_in.get("noisy"), "shard": shard, "image_id": image_id}
-        if "captions" in meta_in:
-            meta["captions"] = meta_in["captions"]
-        return pixels, cfg.prompt + text, image_id, key, meta
+        return pixels, fields, image_id, key, fmt.meta(meta_in, shard, image_id)
 
     def _batch(self, items: list[tuple]) -> object:
-        pix, texts, ids, keys, metas = zip(*items)
+        pix, fields, ids, keys, metas = zip(*items)
+        text = self.fmt.collate_text(list(fields), self.tokenizer, self.cfg)
         if self.encodes:
-            return self.transform.collate(list(pix), list(texts), list(ids), list(keys), list(metas),
-                                          self.tokenizer, self.cfg.max_length, self.cfg.padding)  # fmt: skip
-        return collate(
-            list(pix), list(texts), list(ids), list(keys), list(metas), self.tokenizer,
-            max_length=self.cfg.max_length, padding=self.cfg.padding,
-        )  # fmt: skip
+            return self.transform.collate(list(pix), text, list(ids), list(keys), list(metas), list(fields))
+        flat = [t for p in pix for t in p]
+        pixels = torch.stack(flat).view(len(pix), len(pix[0]), *flat[0].shape)
+        return self.fmt.assemble(pixels, text, list(ids), list(keys), list(metas))
 
     # -- one worker -------------------------------------------------------------------------------
     def _worker(self, g: int, w: int) -> Iterator[tuple]:

@@ -33,8 +33,9 @@ DEFAULT_MAX_PIXELS = 64_000_000
 #   above) is ~20-30 MB as JPEG, ~100 MB only as an uncompressed-like PNG, which the pixel limit refuses anyway.
 # - a caption / .json / any other member: 1 MiB. A BLIP caption is <= 30 words (~200 B); img2dataset's .json
 #   with EXIF runs to a few KB.
-# Environment overrides (FASTBLIP_MAX_IMAGE_BYTES, FASTBLIP_MAX_TEXT_BYTES) reach DataLoader workers however they
-# start; recipes set them through ``set_input_limits`` (data.max_image_bytes / data.max_text_bytes).
+# Environment overrides (FASTBLIP_MAX_IMAGE_BYTES, FASTBLIP_MAX_TEXT_BYTES) are the process's defaults (library
+# calls, ``fastblip data check``); a recipe's data.max_image_bytes / data.max_text_bytes go to its loader directly
+# (StreamConfig, pickled into every DataLoader worker), and CapFilt's recipe keys to its readers.
 IMAGE_BYTES_ENV, TEXT_BYTES_ENV = "FASTBLIP_MAX_IMAGE_BYTES", "FASTBLIP_MAX_TEXT_BYTES"
 DEFAULT_MAX_IMAGE_BYTES = 64 << 20
 DEFAULT_MAX_TEXT_BYTES = 1 << 20
@@ -54,15 +55,6 @@ def max_image_bytes() -> int:
 
 def max_text_bytes() -> int:
     return _env_int(TEXT_BYTES_ENV, DEFAULT_MAX_TEXT_BYTES)
-
-
-def set_input_limits(image_bytes: int | None = None, text_bytes: int | None = None) -> None:
-    """Process-wide limits (environment variables, so spawned loader workers inherit them too)."""
-    for env, v in ((IMAGE_BYTES_ENV, image_bytes), (TEXT_BYTES_ENV, text_bytes)):
-        if v is not None:
-            if int(v) < 1:
-                raise InputError(f"{env}: a size limit must be >= 1 byte, got {v}")
-            os.environ[env] = str(int(v))
 
 
 def read_regular_file(path: str, limit: int | None = None) -> tuple[bytes | None, str | None]:
@@ -99,7 +91,7 @@ ALLOWED_FORMATS = {"JPEG", "MPO", "PNG", "WEBP"}
 
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"RIFF", b"GIF8", b"BM")
 
-SKIP_REASONS = (
+SKIP_REASONS = (  # images and captions, then the task formats' own (formats.py)
     "empty_image",
     "corrupt_image",
     "truncated_image",
@@ -114,6 +106,11 @@ SKIP_REASONS = (
     "unreadable_shard",
     "too_large",  # a member or file over the input size limits above: skipped without being read
     "not_a_file",  # an annotation's image path that is a device, FIFO or directory
+    "empty_question",  # vqa: nothing left after pre_question
+    "missing_answer",  # vqa training entry without answers
+    "bad_answer",  # vqa: an answer that is not a string
+    "bad_label",  # nlvr: a label other than True/False
+    "corrupt_video",  # video: PyAV cannot decode it, or it has no frames
 )
 
 

@@ -72,6 +72,22 @@ def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
+def read_json_list(path: str | Path) -> list:
+    """The JSON list in an annotation file; a missing file, bad JSON or another top-level type is one error."""
+    p = Path(path)
+    if not p.is_file():
+        raise NotFoundError(f"annotation file not found: {p}")
+    try:
+        anns = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SourceError(f"{p}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise SourceError(f"{p}: cannot read it ({e.strerror or e})") from None
+    if not isinstance(anns, list):
+        raise SourceError(f"{p}: expected a JSON list of entries, got {type(anns).__name__}")
+    return anns
+
+
 def load_json_annotations(
     path: str | Path, image_root: str | Path | None = None, flatten: bool = True
 ) -> JsonSource:
@@ -82,14 +98,7 @@ def load_json_annotations(
     ``image_id`` when all are ints, else ids numbered by first appearance (official coco_karpathy_train).
     """
     p = Path(path)
-    if not p.is_file():
-        raise NotFoundError(f"annotation file not found: {p}")
-    try:
-        anns = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SourceError(f"{p}: not valid JSON ({e})") from None
-    except OSError as e:
-        raise SourceError(f"{p}: cannot read it ({e.strerror or e})") from None
+    anns = read_json_list(p)
     if not isinstance(anns, list) or not all(isinstance(a, dict) and "image" in a for a in anns):
         raise SourceError(f"{p}: expected a JSON list of objects with an 'image' field")
     for i, a in enumerate(anns):
@@ -125,8 +134,10 @@ def load_json_annotations(
     return JsonSource(str(p), str(root), items, n_images)
 
 
-def parse_sources(sources, flatten_json: bool = True) -> Sources:
-    """Expand source specs into shard URLs and loaded JSON annotation sets."""
+def parse_sources(sources, flatten_json: bool = True, fmt=None) -> Sources:
+    """Expand source specs into shard URLs and loaded JSON annotation sets. ``fmt`` (a
+    ``formats.SampleFormat``; default: captions) reads the JSON files."""
+    load = fmt.load_json if fmt is not None else load_json_annotations
     out = Sources()
     if isinstance(sources, (str, dict, Path)):
         sources = [sources]
@@ -136,14 +147,14 @@ def parse_sources(sources, flatten_json: bool = True) -> Sources:
         if isinstance(s, dict):
             if "json" not in s:
                 raise SourceError(f"a dict source needs a 'json' key, got {sorted(s)}")
-            out.json.append(load_json_annotations(s["json"], s.get("image_root"), flatten_json))
+            out.json.append(load(s["json"], s.get("image_root"), flatten_json))
             continue
         s = str(s)
         if s.startswith("json:"):
             path, _, root = s[5:].partition("::")
-            out.json.append(load_json_annotations(path, root or None, flatten_json))
+            out.json.append(load(path, root or None, flatten_json))
         elif s.endswith(".json") and "{" not in s and "::" not in s:
-            out.json.append(load_json_annotations(s, None, flatten_json))
+            out.json.append(load(s, None, flatten_json))
         else:
             out.shards.extend(expand_urls(s))
     return out
@@ -187,8 +198,10 @@ def shard_problem(url: str) -> str | None:
     return None
 
 
-def preflight(src: Sources) -> dict:
-    """Fail before any work when nothing is readable; report the listed shards that are not."""
+def preflight(src: Sources, fmt=None) -> dict:
+    """Fail before any work when nothing is readable; report the listed shards that are not. ``fmt`` probes
+    a JSON item's file (default: an image header)."""
+    probe_file = fmt.probe if fmt is not None else probe_image_file
     problems = {u: r for u in src.shards if (r := shard_problem(u))}
     readable_shards = [u for u in src.shards if u not in problems]
     json_ok = 0
@@ -196,7 +209,7 @@ def preflight(src: Sources) -> dict:
         # A handful of images tells a wrong image_root apart from a few missing files; their headers (format,
         # size: no pixels decoded) tell images from garbage.
         probe = js.items[:: max(1, len(js.items) // 16)][:16]
-        json_ok += sum(_probe_image(it["image"]) for it in probe)
+        json_ok += sum(probe_file(it["image"]) for it in probe)
     if not readable_shards and not json_ok:
         what = [f"{u} ({r})" for u, r in list(problems.items())[:3]] + [
             f"{js.path} (no image found under {js.image_root}: the probed ones are missing or not images)" for js in src.json
@@ -205,7 +218,8 @@ def preflight(src: Sources) -> dict:
     return {"missing_or_unreadable_shards": problems}
 
 
-def _probe_image(path: str) -> bool:
+def probe_image_file(path: str) -> bool:
+    """Whether the file is a regular file whose header parses as an image we take (no pixels decoded)."""
     data, problem = read_regular_file(path)
     if problem is not None:
         return False

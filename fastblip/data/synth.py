@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from fastblip.errors import ConfigError
+
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {
     "red": (230, 30, 30),
@@ -143,7 +145,7 @@ def make_synthetic(
 ) -> dict:
     """Write web (noisy), human (clean) and eval splits; returns their paths and counts."""
     if num < 1 or not 0.0 <= noise <= 1.0 or image_size < 16 or shard_size < 1:
-        raise ValueError(f"need num >= 1, 0 <= noise <= 1, image_size >= 16, shard_size >= 1; got {num}, {noise}, "
+        raise ConfigError(f"need num >= 1, 0 <= noise <= 1, image_size >= 16, shard_size >= 1; got {num}, {noise}, "
                          f"{image_size}, {shard_size}")  # fmt: skip
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)

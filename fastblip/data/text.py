@@ -13,6 +13,7 @@ import re
 DEFAULT_PROMPT = "a picture of "
 _PUNCT = re.compile(r"([.!\"()*#:;~])")
 _SPACES = re.compile(r"\s{2,}")
+_QUESTION_PUNCT = re.compile(r"([.!\"()*#:;~])")
 
 
 def pre_caption(caption: str, max_words: int = 50) -> str:
@@ -23,6 +24,13 @@ def pre_caption(caption: str, max_words: int = 50) -> str:
     if len(words) > max_words:
         caption = " ".join(words[:max_words])
     return caption
+
+
+def pre_question(question: str, max_words: int = 50) -> str:
+    """Official ``pre_question`` (VQA): lowercase, delete ``.!"()*#:;~``, strip trailing spaces, keep max_words."""
+    q = _QUESTION_PUNCT.sub("", question.lower()).rstrip(" ")
+    words = q.split(" ")
+    return " ".join(words[:max_words]) if len(words) > max_words else q
 
 
 def add_prompt(caption: str, prompt: str = DEFAULT_PROMPT) -> str:

@@ -1,6 +1,7 @@
 """Zero-shot video-language transfer (official ``eval_retrieval_video.py``, BLIP paper §5.6).
 
-Frames: decoded with PyAV (the ``video`` extra), ``num_frames`` (8) uniformly sampled as the official loader's
+Frames: decoded with PyAV (the ``video`` extra) in the loader workers (``video_loader``: the one data pipeline,
+so an unreadable video is skipped and counted), ``num_frames`` (8) uniformly sampled as the official loader's
 "uniform" strategy (indices ``arange(0, n, n / num_frames)``), each resized bicubic to the model's image size
 and normalised as images.
 - Text-to-video retrieval: ITC video feature = L2-normalise(mean over frames of ``vision_proj(frame [CLS])``)
@@ -16,46 +17,37 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fastblip.errors import InputError, MissingDependencyError, NotFoundError
+from fastblip.data.video import decode_video, sample_indices
+from fastblip.errors import InputError, NotFoundError
 
-
-class VideoDecodeError(InputError):
-    """A video file that cannot be read."""
-
-
-def sample_indices(num_total: int, num_frames: int) -> np.ndarray:
-    """Official uniform sampling; videos shorter than ``num_frames`` repeat frames."""
-    if num_total < 1:
-        raise VideoDecodeError("video has no frames")
-    if num_total >= num_frames:
-        return np.arange(0, num_total, num_total / num_frames).astype(int)[:num_frames]
-    return np.linspace(0, num_total - 1, num_frames).round().astype(int)
+__all__ = ["decode_video", "encode_videos", "evaluate_video_retrieval", "load_video_frames", "sample_indices",
+           "video_loader", "video_qa"]
 
 
 def load_video_frames(path: str | Path, num_frames: int = 8, image_size: int = 384) -> torch.Tensor:
-    """(F, 3, S, S) normalised frames of one video file."""
-    try:
-        import av
-    except ImportError as e:  # pragma: no cover - av is in the `video` extra
-        raise MissingDependencyError("video decoding needs PyAV: pip install 'fastblip[video]'") from e
-    from fastblip.data.transforms import to_tensor_normalized
+    """(F, 3, S, S) normalised frames of one video file (what the loader's video format yields per sample)."""
+    from fastblip.data.transforms import eval_transform
 
     p = Path(path)
     if not p.is_file():
         raise NotFoundError(f"video not found: {p}")
-    try:
-        with av.open(str(p)) as container:
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    except av.error.FFmpegError as e:
-        raise VideoDecodeError(f"{p}: cannot decode ({e})") from None
-    idx = sample_indices(len(frames), num_frames)
-    return torch.stack([to_tensor_normalized(Image.fromarray(frames[i]).resize((image_size, image_size),
-                                                                               Image.BICUBIC)) for i in idx])
+    tf = eval_transform(image_size)
+    return torch.stack([tf(Image.fromarray(f)) for f in decode_video(p.read_bytes(), num_frames)])
+
+
+def video_loader(sources, *, image_size: int, num_frames: int = 8, batch_size: int = 4, mode: str = "retrieval",
+                 video_root: str = "", video_ext: str = ".mp4", max_words: int = 30, num_workers: int = 0):
+    """The evaluation loader of MSRVTT-style JSON files: ``VideoBatch``es through the one data pipeline (an
+    unreadable video is skipped and counted in ``loader.stats``, with its caption)."""
+    from fastblip.data import VideoFormat, build_loader
+
+    fmt = VideoFormat(num_frames, mode, video_root, video_ext, max_words)
+    return build_loader(sources, image_size=image_size, batch_size=batch_size, train=False, fmt=fmt,
+                        num_workers=num_workers)
 
 
 @torch.no_grad()
@@ -70,24 +62,23 @@ def encode_videos(model, frames_VF: torch.Tensor, with_features: bool = True):
 
 
 @torch.no_grad()
-def evaluate_video_retrieval(model, video_paths: list[str | Path], captions: list[str], *, num_frames: int = 8,
-                             k_test: int = 128, max_words: int = 30, max_length: int = 35, video_batch: int = 4,
-                             rank: int = 0, world_size: int = 1) -> dict[str, float]:
-    """Recall@K of text-to-video (``img_r*``) and video-to-text (``txt_r*``); caption i describes video i."""
-    from fastblip.data.text import pre_caption
+def evaluate_video_retrieval(model, videos, *, k_test: int = 128, max_length: int = 35, rank: int = 0,
+                             world_size: int = 1) -> dict[str, float]:
+    """Recall@K of text-to-video (``img_r*``) and video-to-text (``txt_r*``) over ``VideoBatch``es (each
+    video with its cleaned caption; ``video_loader``)."""
     from fastblip.eval.retrieval import recall_at_k, score_matrices
 
-    if len(video_paths) != len(captions) or not captions:
-        raise ValueError(f"need one caption per video, got {len(video_paths)} videos and {len(captions)} captions")
-    dev, S = model.device, model.cfg.vision.image_size
-    tokens, feats = [], []
-    for a in range(0, len(video_paths), video_batch):
-        fr = torch.stack([load_video_frames(p, num_frames, S) for p in video_paths[a:a + video_batch]]).to(dev)
-        t, f = encode_videos(model, fr)
+    dev = model.device
+    tokens, feats, captions = [], [], []
+    for b in videos:
+        t, f = encode_videos(model, b.pixel_values.to(dev))
         tokens.append(t)
         feats.append(f)
+        captions += b.texts
+    if not captions:
+        raise InputError("video retrieval: the loader yielded no readable video")
     tokens_V, feat_VD = torch.cat(tokens), torch.cat(feats)
-    enc = model.tokenizer([pre_caption(c, max_words) for c in captions], max_length=max_length, padding="longest")
+    enc = model.tokenizer(captions, max_length=max_length, padding="longest")
     ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
     text_TD = F.normalize(model.text_proj(model.text_encoder(ids, mask)[:, 0]).float(), dim=-1)
     s_v2t, s_t2v = score_matrices(model, tokens_V, ids, mask, feat_VD @ text_TD.t(), k_test, rank=rank,
@@ -97,18 +88,16 @@ def evaluate_video_retrieval(model, video_paths: list[str | Path], captions: lis
 
 
 @torch.no_grad()
-def video_qa(model, video_paths: list[str | Path], questions: list[str], *, answer_list: list[str] | None = None,
-             method: str = "rank", num_frames: int = 8, k_test: int = 128, video_batch: int = 4) -> list[str]:
-    """Answers from a VQA model on each video's frames (tokens of all frames concatenated)."""
-    from fastblip.tasks.vqa import pre_question
-
-    if len(video_paths) != len(questions):
-        raise ValueError(f"{len(video_paths)} videos but {len(questions)} questions")
-    dev, S = model.device, model.cfg.vision.image_size
+def video_qa(model, videos, *, answer_list: list[str] | None = None, method: str = "rank",
+             k_test: int = 128) -> tuple[list[str], list[str | None]]:
+    """(answers, gold answers) of a VQA model over ``VideoBatch``es in ``qa`` mode (questions cleaned by
+    ``pre_question``); the question encoder cross-attends to all frames' tokens concatenated."""
+    dev = model.device
     out: list[str] = []
-    for a in range(0, len(video_paths), video_batch):
-        fr = torch.stack([load_video_frames(p, num_frames, S) for p in video_paths[a:a + video_batch]]).to(dev)
-        tokens, _ = encode_videos(model, fr, with_features=False)
-        out += model.answer(None, [pre_question(q) for q in questions[a:a + video_batch]], method=method,
-                            answer_list=answer_list, k_test=k_test, image_embeds=tokens)
-    return out
+    gold: list[str | None] = []
+    for b in videos:
+        tokens, _ = encode_videos(model, b.pixel_values.to(dev), with_features=False)
+        out += model.answer(None, b.texts, method=method, answer_list=answer_list, k_test=k_test,
+                            image_embeds=tokens)
+        gold += b.answers
+    return out, gold

@@ -21,20 +21,12 @@ class Options:
 
 def build_loader(recipe, *, train: bool, rank: int = 0, world_size: int = 1, epoch: int = 0, device=None):
     """The recipe's train (``data.train``, one sample per image-caption pair) or eval (``data.eval``) loader."""
-    from fastblip.data.loader import build_loader as _build
+    from fastblip.data import open_loader
 
-    d = recipe.data
-    sources = d.sources(train)
     opts = recipe.options()
-    bs = d.batch_size if train or not opts.eval_batch_size else opts.eval_batch_size
-    loader = _build(sources, image_size=d.image_size, batch_size=bs, train=train, max_words=d.max_words,
-                    max_length=d.max_length, prompt="", min_scale=d.min_scale, randaugment=d.randaugment,
-                    hflip=d.hflip,
-                    backend=d.backend, num_workers=d.num_workers, seed=recipe.train.seed, rank=rank,
-                    world_size=world_size, resampled=d.resampled and train, padding=d.padding, device=device,
-                    batches_per_epoch=d.batches_per_epoch if train else None)
-    loader.set_epoch(epoch)
-    return loader
+    bs = None if train or not opts.eval_batch_size else opts.eval_batch_size
+    return open_loader(recipe.data, train=train, seed=recipe.train.seed, rank=rank, world_size=world_size, epoch=epoch,
+                       device=device, batch_size=bs, prompt="")
 
 
 @torch.no_grad()

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from fastblip.errors import ConfigError
+
 log = logging.getLogger("fastblip.train")
 
 
@@ -109,4 +111,4 @@ def wrap_model(module: nn.Module, info: DistInfo, kind: str = "ddp") -> nn.Modul
                 p.register_hook(lambda g: reduce_sum(g) / info.world_size)
         fully_shard(module, ignored_params=scalars)
         return module
-    raise ValueError(f"train.distributed must be ddp or fsdp2, got {kind!r}")
+    raise ConfigError(f"train.distributed must be ddp or fsdp2, got {kind!r}")

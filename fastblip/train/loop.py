@@ -71,11 +71,9 @@ class Trainer:
         self.recipe, t = recipe, recipe.train
         # run-directory lifecycle (issue 15, train/rundir.py): checks that can fail do so before any work
         from fastblip.config import check_device
-        from fastblip.data.decode import set_input_limits
 
         check_device(device)
         check_train_data(recipe)
-        set_input_limits(recipe.data.max_image_bytes, recipe.data.max_text_bytes)
         self.info: DistInfo = init_distributed(device)
         self.out_dir = Path(t.out_dir)
         self.progress = progress and self.info.is_main
