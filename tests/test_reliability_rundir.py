@@ -265,3 +265,25 @@ def test_demo_reruns_replace_their_own_output(tmp_path, monkeypatch):
             demo.run_demo(out, "tiny", progress=False)
     finally:
         lock.release()
+
+
+def test_vqa_eval_owns_its_results_directory(tmp_path, capsys):
+    """`fastblip eval` of a task that writes into train.out_dir (VQA: the answers file) takes that directory's
+    lock first, so a run using it is refused in one line before any model is loaded (init_from does not even
+    exist here); the lock is released when the evaluation ends, however it ends."""
+    from fastblip.cli import main
+
+    d = tmp_path / "vqa_out"
+    args = ["eval", "--recipe", str(ROOT / "recipes" / "finetune_vqa_tiny_cpu.yaml"),
+            f"model.init_from={tmp_path / 'no_model'}", f"data.eval=[{tmp_path / 'val.json'}]",
+            f"train.out_dir={d}", "task_options.synthetic={}"]
+    held = acquire_lock(d, "finetune")
+    try:
+        assert main(args) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "in use by" in err[0] and "finetune" in err[0], err
+    finally:
+        held.release()
+    assert main(args) == 1  # now the lock is free: it fails later, on the missing checkpoint, and lets go
+    assert "no_model" in capsys.readouterr().err
+    acquire_lock(d, "pretrain").release()  # released after the failed evaluation
