@@ -49,6 +49,31 @@ def _drain(loader) -> list:
     return [b for b in loader]
 
 
+def _resumed_equals_straight(make, record, stop_after: int = 2) -> int:
+    """Batches of a loader stopped after ``stop_after`` and resumed from its state_dict in a new one equal an
+    uninterrupted pass (``record(batch)`` compared bit for bit: keys, augmentations...). Returns the count."""
+
+    def run(loader, n=None):
+        out = []
+        for b in loader:
+            out.append(record(b))
+            if n is not None and len(out) == n:
+                break
+        return out
+
+    full = run(make())
+    first = make()
+    head = run(first, stop_after)
+    second = make()
+    second.load_state_dict(first.state_dict())
+    got = head + run(second)
+    assert len(got) == len(full) > stop_after
+    for a, b in zip(full, got, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+    return len(full)
+
+
 # -- VQA ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vqa_set(tmp_path_factory):
@@ -139,23 +164,9 @@ def test_vqa_sharding_and_exact_resume(vqa_set):
     counts = [len(open_loader(tr, train=True, rank=r, world_size=2, fmt=VQAFormat(True))) for r in range(2)]
     assert counts[0] == counts[1] > 0  # training: equal batch counts per rank keep DDP in step
 
-    def run(loader, n=None):
-        out = []
-        for b in loader:
-            out.append((b.question_ids, b.pixel_values.clone(), b.input_ids.clone()))
-            if n is not None and len(out) == n:
-                break
-        return out
-
-    full = run(open_loader(tr, train=True, seed=3, fmt=VQAFormat(True)))
-    first = open_loader(tr, train=True, seed=3, fmt=VQAFormat(True))
-    head = run(first, 2)
-    resumed = open_loader(tr, train=True, seed=3, fmt=VQAFormat(True))
-    resumed.load_state_dict(first.state_dict())
-    rest = run(resumed)
-    assert len(full) == len(head) + len(rest) >= 4
-    for (qa, pa, ia), (qb, pb, ib) in zip(full, head + rest, strict=True):
-        assert qa == qb and torch.equal(pa, pb) and torch.equal(ia, ib)  # augmentations included, bit for bit
+    n = _resumed_equals_straight(lambda: open_loader(tr, train=True, seed=3, fmt=VQAFormat(True)),
+                                 lambda b: (b.question_ids, b.pixel_values.clone(), b.input_ids.clone()))
+    assert n >= 4  # augmentations included, bit for bit
 
 
 def test_vqa_bad_annotation_file_is_one_error(tmp_path):
@@ -211,23 +222,9 @@ def test_nlvr_nasty_input_and_side_swap(nlvr_set):
 def test_nlvr_exact_resume_includes_the_swaps(nlvr_set):
     sec = _section([nlvr_set["json"]], True, batch_size=3, num_workers=1, randaugment=True)
 
-    def run(loader, n=None):
-        out = []
-        for b in loader:
-            out.append((b.keys, [m["swapped"] for m in b.meta], b.pixel_values_1.clone()))
-            if n is not None and len(out) == n:
-                break
-        return out
-
-    full = run(open_loader(sec, train=True, seed=5, fmt=NLVRFormat(True)))
-    first = open_loader(sec, train=True, seed=5, fmt=NLVRFormat(True))
-    head = run(first, 2)
-    second = open_loader(sec, train=True, seed=5, fmt=NLVRFormat(True))
-    second.load_state_dict(first.state_dict())
-    got = head + run(second)
-    assert len(got) == len(full) == 16 // 3
-    for a, b in zip(full, got, strict=True):
-        assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+    n = _resumed_equals_straight(lambda: open_loader(sec, train=True, seed=5, fmt=NLVRFormat(True)),
+                                 lambda b: (b.keys, [m["swapped"] for m in b.meta], b.pixel_values_1.clone()))
+    assert n == 16 // 3
 
 
 def test_nlvr_and_vqa_through_dali_match_pil(nlvr_set, vqa_set):
@@ -309,3 +306,20 @@ def test_every_task_reads_through_open_loader():
         calls = {c.func.id for c in ast.walk(fn) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)}
         assert "open_loader" in calls, name
         assert not any(isinstance(n, ast.ClassDef) and "Loader" in n.name for n in tree.body), name
+
+
+def test_vqa_answer_list_errors_are_one_line(tmp_path):
+    from fastblip.errors import FastblipError
+    from fastblip.tasks.vqa import load_answer_list
+
+    p = tmp_path / "answers.json"
+    for text, msg in (("[\"red\", 2]", None), ("[]", "list of answers is empty"), ("{\"a\": 1}", "expected a JSON list"),
+                      ("[\"red\"", "not valid JSON")):
+        p.write_text(text)
+        if msg is None:
+            assert load_answer_list(str(p)) == ["red", "2"]
+            continue
+        with pytest.raises(FastblipError, match=msg):
+            load_answer_list(str(p))
+    with pytest.raises(FileNotFoundError, match="answer_list not found"):
+        load_answer_list(str(tmp_path / "absent.json"))

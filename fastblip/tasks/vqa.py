@@ -12,7 +12,6 @@ for the VQA server, and VQA accuracy when the eval JSON carries human answers.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,15 +48,14 @@ def build_loader(recipe, *, train: bool, rank: int = 0, world_size: int = 1, epo
 
 
 def load_answer_list(path: str) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise NotFoundError(f"task_options.answer_list not found: {p}")
-    try:
-        answers = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"task_options.answer_list {p}: not valid JSON ({e})") from None
-    if not isinstance(answers, list) or not answers:
-        raise InputError(f"task_options.answer_list {p}: expected a non-empty JSON list of answers")
+    """The candidate answers of ``task_options.answer_list`` (a JSON list; missing, bad or empty: one error)."""
+    from fastblip.data.readers import read_json_list
+
+    if not Path(path).is_file():
+        raise NotFoundError(f"task_options.answer_list not found: {path}")
+    answers = read_json_list(path)
+    if not answers:
+        raise InputError(f"task_options.answer_list {path}: the list of answers is empty")
     return [str(a) for a in answers]
 
 
