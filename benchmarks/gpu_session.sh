@@ -9,7 +9,8 @@
 # A stage is NAME[:SIZE]:SECONDS. NAME is `tests` (the gpu-marked tests), `kstat` (static kernel report) or a
 # benchmark suite (kernels, attention, pretrain, capfilt, data); `data` runs only when DALI imports.
 # On the GPU machine (torch, triton, timm, tokenizers, transformers; no network) fastblip is installed with
-# --no-deps into /tmp/site, plus any wheels carried in .whl/ (webdataset, braceexpand, DALI parts joined first).
+# --no-deps into /tmp/site, plus any wheels carried in .whl/ (`bash benchmarks/gpu_wheels.sh fetch` prepares them
+# here and prints which files each call carries; DALI's parts are joined and checked first).
 # Everything lands in $OUT: log.txt, results/<suite>_<size>_<device>_<date>.{json,md}, tests.xml, summary.md.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -26,9 +27,8 @@ if [ "$DRY" = 1 ]; then
   DEVICE=cpu; export TRITON_INTERPRET=1  # the project is installed (make install); Triton rows interpret
 else
   DEVICE=cuda
-  if ls .whl/*.part-* >/dev/null 2>&1; then  # a wheel over one call's carry limit, split into parts
-    for first in .whl/*.part-aa; do cat "${first%.part-aa}".part-* > "${first%.part-aa}"; done
-  fi
+  # wheels over one call's carry limit arrive in parts (benchmarks/gpu_wheels.sh): join those complete and intact
+  bash benchmarks/gpu_wheels.sh join 2>&1 | tee -a "$OUT/log.txt"
   if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   fi
