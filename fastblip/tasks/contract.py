@@ -10,9 +10,11 @@ The trainer calls these names and nothing else: no ``inspect.signature``, no ``h
   them once per optimiser step) and False when the trainer updates them itself (FSDP2: between steps, on the
   sharded parameters). A model with momentum encoders has ``has_momentum = True`` and ``momentum_update()``;
   the others ignore the flag.
-- A loader (``fastblip.data.loader.Loader``) yields batches with ``.to(device)`` and ``len()``, counts its
-  skipped samples in ``stats`` and resumes exactly through ``state_dict`` / ``load_state_dict`` at the
-  position of the last batch it yielded; ``set_epoch`` reshuffles.
+- A loader (``fastblip.data.loader.Loader``, built by ``fastblip.data.open_loader`` from the recipe's data
+  section and the task's sample format, ``fastblip/data/formats.py``: every task reads through it) yields
+  batches with ``.to(device)`` and ``len()``, counts its skipped samples in ``stats`` and resumes exactly
+  through ``state_dict`` / ``load_state_dict`` at the position of the last batch it yielded; ``set_epoch``
+  reshuffles.
 - A ``Task`` (one per recipe ``task:`` name, ``TASK`` in ``fastblip.tasks.<name>``) holds the task's options
   dataclass (``task_options`` keys), its loader builder and its evaluation.
 """
