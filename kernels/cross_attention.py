@@ -359,12 +359,18 @@ def _check(q, k, v, kv_index, key_padding_mask, dropout_p) -> None:
     check_dtype("q", q)
 
 
+DKDV_WARPS = 8
+
+
 def _blocks(N: int, M: int, Lq: int, Lk: int, D: int, dropout: bool) -> dict:
     """Tile sizes. tile_q: packed query positions per forward/dQ tile; an image's rows hold N*Lq/M of them on
     average (105 in ITM: 2 tiles of 64, one Hopper wgmma M each; 3 beams x Lq = 1 in generation: 16).
     The dropout mask and its Philox state cost ~70-110 registers a thread on sm_80 at a 64 x 64 tile, so the
     tiles that carry it are 64 x 32 (forward with dropout, dQ) or 32 x 64 (dK/dV): 255, 204 and 255 registers on
-    sm_80, no spill (benchmarks/kstat.py); the 64 x 64 dK/dV tile spilled 512 B there, the forward 8 B."""
+    sm_80, no spill (benchmarks/kstat.py); the 64 x 64 dK/dV tile spilled 512 B there, the forward 8 B. The
+    dK/dV kernel runs 8 warps (DKDV_WARPS): its two 64 x 64 fp32 accumulators cost 64 registers a thread at 4
+    warps, and at 4 warps triton 3.6 (the GPU machine's) spilled 16 B on sm_80; 8 warps: 255 regs, no spill,
+    on 3.6 and 3.8; sm_90: 178-199 registers, 20 wgmma."""
     tile_q = min(64, max(16, next_pow2(-(-N * Lq // max(M, 1)))))
     bk = min(64, max(16, next_pow2(Lk)))
     return dict(tile_q=tile_q, fwd_k=min(bk, 32) if dropout else bk, dq_k=min(bk, 32), dkdv_q=min(tile_q, 32),
@@ -451,7 +457,7 @@ def xattn_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     _xattn_bwd_dkdv_kernel[(triton.cdiv(Lk, b["dkdv_k"]), M, H)](
         q, *_strides(q), k, v, *_strides(k), plan, mask, seed, do, *_strides(do), lse, delta, dk, dv,
         *_strides(dk), *args, *scales, BLOCK_Q=b["dkdv_q"], BLOCK_K=b["dkdv_k"], BLOCK_D=b["d"], **meta,
-        num_warps=4)
+        num_warps=DKDV_WARPS)
     return dq, dk, dv
 
 
