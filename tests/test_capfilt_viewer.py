@@ -356,11 +356,11 @@ def test_filter_sort_and_paging_in_browser(browser, small_pages_view, tmp_path):
     browser.find_element(By.CSS_SELECTOR, 'input[data-f="v"][value="kept"]').click()
     st = {"v": {"dropped"}, "s": {"web", "syn"}, "l": {0, 1, 2}, "lo": 0.0, "hi": 1.0}
     want = [r[0] for r in rows if any(_text_matches(r[2], t[0], t[2], t[3], st) for t in r[4])]
-    assert _visible_keys(browser) == want and 0 < len(want) < len(rows)
+    assert _visible_keys(browser) == want and 0 < len(want)  # most images have a dropped synthetic caption
     browser.find_element(By.CSS_SELECTOR, 'input[data-f="s"][value="syn"]').click()
     st["s"] = {"web"}
     want = [r[0] for r in rows if any(_text_matches(r[2], t[0], t[2], t[3], st) for t in r[4])]
-    assert _visible_keys(browser) == want
+    assert _visible_keys(browser) == want and 0 < len(want) < len(rows)  # ~40% noisy web texts: a strict subset
     assert browser.find_element(By.ID, "status").text.startswith(f"showing {len(want)} of {len(rows)} images")
     assert "v=dropped" in browser.current_url and "s=web" in browser.current_url
     # the filter travels with the page links
