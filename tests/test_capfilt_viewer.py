@@ -348,6 +348,13 @@ def test_filter_sort_and_paging_in_browser(browser, small_pages_view, tmp_path):
     rows = data["rows"]
     _open(browser, path)
     assert _visible_keys(browser) == [r[0] for r in rows]
+    # thumbnails load lazily (as the page should): ask for all of them and wait until each is done, loaded or
+    # broken; a broken one has naturalWidth 0 (the check read them before they had arrived once: a flaky race)
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.execute_script("document.querySelectorAll('#rows img').forEach(i => { i.loading = 'eager'; })")
+    WebDriverWait(browser, 20).until(lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#rows img')].every(i => i.complete)"))
     imgs = browser.execute_script("return [...document.querySelectorAll('#rows img')].map(i => i.naturalWidth)")
     assert len(imgs) == len(rows) and all(w > 0 for w in imgs)  # every thumbnail loaded from t/
     _assert_not_blank(browser, tmp_path / "page.png")
