@@ -145,13 +145,16 @@ def test_vqa_tar_shard_layout(tmp_path):
                        "json": json.dumps({"question": f"q {i}?", "answer": ["red"], "question_id": i}).encode()}
             if i == 3:
                 members["jpg"] = b"\xff\xd8\xff\xe0broken"
+            if i == 1:  # over the section's image limit: skipped unread as too_large, as in every format
+                members["jpg"] = NOISE * 4
             for ext, data in members.items():
                 info = tarfile.TarInfo(f"{i:06d}.{ext}")
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
-    loader = open_loader(_section([str(path)], False), train=False, fmt=VQAFormat(False))
+    loader = open_loader(_section([str(path)], False, max_image_bytes=2 * len(NOISE)), train=False,
+                         fmt=VQAFormat(False))
     qids = [q for b in loader for q in b.question_ids]
-    assert qids == [0, 1, 2, 4] and loader.stats["skipped"] == {"corrupt_image": 1}
+    assert qids == [0, 2, 4] and loader.stats["skipped"] == {"corrupt_image": 1, "too_large": 1}
 
 
 def test_vqa_sharding_and_exact_resume(vqa_set):

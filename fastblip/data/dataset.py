@@ -200,7 +200,10 @@ class BlipStream(IterableDataset):
                 payloads.append(data)
         else:
             key, shard = raw["__key__"], raw["__shard__"]
-            payloads, text, meta_in, problem = fmt.tar_sample(raw, cfg)
+            if "__too_large__" in raw:  # a member over the input limits was never read (readers.iter_tar)
+                payloads, text, meta_in, problem = [], None, {}, "too_large"
+            else:
+                payloads, text, meta_in, problem = fmt.tar_sample(raw, cfg)
             iid = meta_in.get("image_id")
             image_id = iid if isinstance(iid, int) and not isinstance(iid, bool) else key_image_id(key)
         fields = None
