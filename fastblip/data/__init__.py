@@ -1,6 +1,6 @@
 """fastblip.data: readers, decoding (PIL | DALI), BLIP's transforms, tokenizer, synthetic data."""
 
-from .batch import Batch, collate
+from .batch import Batch
 from .check import check_sources
 from .decode import DecodeError, decode_image
 from .formats import CAPTIONS, NLVRFormat, SampleFormat, VideoFormat, VQAFormat
@@ -29,7 +29,6 @@ __all__ = [
     "SourceError",
     "build_loader",
     "check_sources",
-    "collate",
     "decode_image",
     "eval_transform",
     "load_json_annotations",

@@ -1,4 +1,5 @@
-"""The batch every loader backend yields, and its collate (tokenisation happens here, in the workers).
+"""The caption batch every loader backend yields, its tokenisation (run in the workers by the sample formats'
+``collate_text``, formats.py), and what the workers hand the DALI backend.
 
 Legend: B batch, L text length (the batch's longest caption, or its length bucket), H/W image size.
 """
@@ -86,29 +87,6 @@ def tokenize(texts: list[str], tokenizer, max_length: int = 35, padding: str = "
             enc = {k: torch.nn.functional.pad(v, (0, pad)) for k, v in enc.items()}
         return enc
     return tokenizer(texts, max_length=max_length, padding=padding)
-
-
-def collate(
-    pixel_values: list[torch.Tensor],
-    texts: list[str],
-    image_ids: list[int],
-    keys: list[str],
-    meta: list[dict],
-    tokenizer,
-    max_length: int = 35,
-    padding: str = "longest",
-) -> Batch:
-    """Stack images, tokenise texts. ``padding``: "longest", "max_length" or "buckets:8,16,24,32"."""
-    enc = tokenize(texts, tokenizer, max_length, padding)
-    return Batch(
-        pixel_values=torch.stack(pixel_values),
-        input_ids=enc["input_ids"],
-        attention_mask=enc["attention_mask"],
-        image_ids=torch.tensor(image_ids, dtype=torch.long),
-        keys=list(keys),
-        texts=list(texts),
-        meta=list(meta),
-    )
 
 
 @dataclass

@@ -32,7 +32,6 @@ vqa ``jpg`` + ``json`` ``{question, answer: [...], question_id?, dataset?}``; nl
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -43,8 +42,18 @@ import numpy as np
 import torch
 
 from .batch import Batch, TensorFields, tokenize
-from .decode import IMAGE_EXTS, OTHER_IMAGE_EXTS, DecodeError, decode_image
-from .readers import JsonSource, SourceError, load_json_annotations, read_json_list, split_sample
+from .decode import DecodeError, decode_image
+from .readers import (
+    JsonSource,
+    SourceError,
+    image_member,
+    json_member,
+    load_json_annotations,
+    probe_image_file,
+    read_json_list,
+    split_sample,
+    under_root,
+)
 from .text import clean_caption_bytes, pre_caption, pre_question
 
 
@@ -72,7 +81,8 @@ class SampleFormat:
         return self.image_paths(item), cap if isinstance(cap, str) else None, None
 
     def tar_sample(self, raw: dict, cfg) -> tuple[list[bytes], Any, dict, str | None]:
-        """(image payloads, raw text, .json meta, problem) of a tar sample."""
+        """(image payloads, raw text, .json meta, problem) of a tar sample (one without an oversized member:
+        the stream counts those as ``too_large`` for every format)."""
         img, _, cap, meta, problem = split_sample(raw)
         return [img], cap, meta, problem
 
@@ -92,8 +102,6 @@ class SampleFormat:
 
     def probe(self, path: str) -> bool:
         """Whether a JSON item's file looks usable (the preflight's check of a few items per file)."""
-        from .readers import probe_image_file
-
         return probe_image_file(path)
 
     def meta(self, meta_in: dict, shard: str, image_id: int) -> dict:
@@ -115,27 +123,6 @@ class SampleFormat:
 
 
 CAPTIONS = SampleFormat()
-
-
-def _image_of(raw: dict, prefix: str = "") -> tuple[bytes | None, str | None]:
-    """The image member ``<prefix><ext>`` of a tar sample, or (None, reason)."""
-    for ext in IMAGE_EXTS:
-        if prefix + ext in raw:
-            return raw[prefix + ext], None
-    other = any(prefix + e in raw for e in OTHER_IMAGE_EXTS)
-    return None, "unsupported_format" if other else "missing_image"
-
-
-def _json_meta(raw: dict) -> dict:
-    try:
-        meta = json.loads(raw["json"]) if "json" in raw else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
-def _abs(root: Path, p: str) -> str:
-    return p if os.path.isabs(p) else str(root / p)
 
 
 def _entries(path: str | Path, image_root, need: dict[str, type | tuple]) -> tuple[Path, list[dict], Path]:
@@ -182,7 +169,7 @@ class VQAFormat(SampleFormat):
         items = []
         for i, a in enumerate(anns):
             qid = a.get("question_id", i)
-            items.append({"image": _abs(root, a["image"]), "question": a["question"], "answer": a.get("answer"),
+            items.append({"image": under_root(root, a["image"]), "question": a["question"], "answer": a.get("answer"),
                           "dataset": a.get("dataset", "vqa"), "question_id": qid, "key": str(qid),
                           "image_id": i})  # fmt: skip
         return JsonSource(str(p), str(root), items, len({a["image"] for a in anns}))
@@ -193,8 +180,8 @@ class VQAFormat(SampleFormat):
         return [item["image"]], item, None
 
     def tar_sample(self, raw, cfg):
-        img, problem = _image_of(raw)
-        meta = _json_meta(raw)
+        img, _, problem = image_member(raw)
+        meta = json_member(raw)
         if "answers" in meta and "answer" not in meta:
             meta["answer"] = meta["answers"]
         return [img], meta, meta, problem
@@ -279,7 +266,7 @@ class NLVRFormat(SampleFormat):
             if len(imgs) != 2 or not all(isinstance(x, str) and x for x in imgs):
                 raise SourceError(f"{p}: item {i}: 'images' must be two image paths, got {imgs!r}")
             key = str(a.get("identifier", i))
-            items.append({"image": _abs(root, imgs[0]), "image_1": _abs(root, imgs[1]), "sentence": a["sentence"],
+            items.append({"image": under_root(root, imgs[0]), "image_1": under_root(root, imgs[1]), "sentence": a["sentence"],
                           "label": a.get("label"), "key": key, "image_id": i})  # fmt: skip
         return JsonSource(str(p), str(root), items, len(anns))
 
@@ -292,9 +279,9 @@ class NLVRFormat(SampleFormat):
         return self.image_paths(item), item, None
 
     def tar_sample(self, raw, cfg):
-        a, pa = _image_of(raw, "left.")
-        b, pb = _image_of(raw, "right.")
-        meta = _json_meta(raw)
+        a, _, pa = image_member(raw, "left.")
+        b, _, pb = image_member(raw, "right.")
+        meta = json_member(raw)
         return [a, b], meta, meta, pa or pb
 
     def fields(self, e, meta, cfg, rng):
@@ -362,7 +349,7 @@ class VideoFormat(SampleFormat):
                 raise SourceError(f"{p}: item {i}: '{text_key}' must be a string, got {a.get(text_key)!r}")
             path_ = root / name if Path(name).suffix else root / f"{name}{self.video_ext}"
             ans = a.get("answer")
-            items.append({"image": _abs(root, str(path_)), "text": a[text_key], "key": name, "image_id": i,
+            items.append({"image": under_root(root, str(path_)), "text": a[text_key], "key": name, "image_id": i,
                           "answer": ans if isinstance(ans, str) else (ans[0] if ans else None)})  # fmt: skip
         return JsonSource(str(p), str(root), items, len(anns))
 

@@ -112,7 +112,7 @@ def load_json_annotations(
     for i, a in enumerate(anns):
         rid = raw_ids[i]
         image_id = rid if use_raw else id_map.setdefault(rid, len(id_map))
-        img = a["image"] if os.path.isabs(a["image"]) else str(root / a["image"])
+        img = under_root(root, a["image"])
         caps = a.get("caption")
         caps = caps if isinstance(caps, list) else [caps]
         extra = {k: a[k] for k in ("noisy", "true_caption") if k in a}
@@ -307,25 +307,38 @@ def iter_tar(url: str, counts: dict, max_image_bytes_: int | None = None,
         yield current
 
 
+def image_member(sample: dict, prefix: str = "") -> tuple[bytes | None, str | None, str | None]:
+    """(bytes, ext, None) of a tar sample's image member ``<prefix><ext>`` (``prefix``: "left." / "right." for
+    NLVR2's pairs), or (None, None, reason): ``unsupported_format`` when only an image we do not take is there."""
+    for ext in IMAGE_EXTS:
+        if prefix + ext in sample:
+            return sample[prefix + ext], ext, None
+    other = any(prefix + e in sample for e in OTHER_IMAGE_EXTS)
+    return None, None, "unsupported_format" if other else "missing_image"
+
+
+def json_member(sample: dict) -> dict:
+    """A tar sample's ``.json`` member as a dict ({} when absent, not JSON or not an object)."""
+    if "json" not in sample:
+        return {}
+    try:
+        meta = json.loads(sample["json"])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def under_root(root: str | Path, path: str) -> str:
+    """An annotation's file path: absolute as given, else relative to the image root."""
+    return path if os.path.isabs(path) else str(Path(root) / path)
+
+
 def split_sample(sample: dict) -> tuple[bytes | None, str | None, bytes | None, dict, str | None]:
     """(image bytes, image ext, caption bytes, json meta, problem) of a raw tar sample."""
     if "__too_large__" in sample:
         return None, None, None, {}, "too_large"
-    meta: dict = {}
-    if "json" in sample:
-        try:
-            meta = json.loads(sample["json"])
-            meta = meta if isinstance(meta, dict) else {}
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            meta = {}
-    img, img_ext = None, None
-    for ext in IMAGE_EXTS:
-        if ext in sample:
-            img, img_ext = sample[ext], ext
-            break
-    problem = None
-    if img is None:
-        problem = "unsupported_format" if any(e in sample for e in OTHER_IMAGE_EXTS) else "missing_image"
+    meta = json_member(sample)
+    img, img_ext, problem = image_member(sample)
     cap = sample.get("txt")
     if cap is None and "caption" in meta:
         c = meta["caption"]
