@@ -140,6 +140,7 @@ class Trainer:
         # FSDP2: the trainer updates the momentum encoders itself, between steps (see _train_epoch)
         self.external_momentum = self.info.enabled and t.distributed == "fsdp2" and self.model.has_momentum
         self.step, self.epoch = 0, 0
+        self._progress = None  # fastblip.train.progress.TrainProgress on rank 0 while fit() runs
         if self.resume_state is not None:
             self._restore(self.resume_state)
             log.info("resumed from %s at step %d (epoch %d)", self.resume_path, self.step, self.epoch)
@@ -200,7 +201,7 @@ class Trainer:
             path = ck.save_checkpoint(self.out_dir, self.step, st, self.recipe.train.keep_last)
             if export:
                 self._export(st["model"])
-            if getattr(self, "_progress", None) is not None:  # "step N: checkpoint written to ... (X MB)"
+            if self._progress is not None:  # "step N: checkpoint written to ... (X MB)"
                 self._progress.checkpoint(path, self.step, self.out_dir / "model" if export else None)
         barrier()
         return path
@@ -260,7 +261,7 @@ class Trainer:
         return torch.autocast(self.info.device.type, dtype=self.amp_dtype)
 
     def fit(self) -> dict:
-        log_f = bar = None
+        log_f = None
         try:
             if self.info.is_main:
                 rundir.atomic_write_text(self.out_dir / "recipe.json", json.dumps(
@@ -273,12 +274,12 @@ class Trainer:
                 # a bar on a terminal, else one line per log_every steps (fastblip.train.progress); TensorBoard
                 # scalars beside log.jsonl when train.tensorboard
                 t = self.recipe.train
-                bar = self._progress = TrainProgress(
+                self._progress = TrainProgress(
                     self.total_steps, self.step, epochs=t.epochs, steps_per_epoch=self.steps_per_epoch,
                     bar=want_bar(self.progress), tensorboard=self.out_dir / TB_DIR if t.tensorboard else None)
             while not self._finished():
                 before = self.step
-                self._train_epoch(bar, log_f)
+                self._train_epoch(log_f)
                 if self.step == before:  # an epoch without a single optimiser step would loop (or "finish") on nothing
                     s = self._data_stats()
                     raise InputError(f"the training data yielded no usable batch (epoch {self.epoch}, step {self.step}:"
@@ -295,18 +296,18 @@ class Trainer:
                 self._evaluate(log_f, max(0, self.step - 1) // self.steps_per_epoch)
             self._ensure_exported()  # --resume of a run killed during its export (or extended): export now
             self.last_metrics["data"] = self._data_stats()
-            if bar is not None:  # the last line: steps, time, data over this process's run
-                bar.finish(self.last_metrics["data"])
+            if self._progress is not None:  # the last line: steps, time, data over this process's run
+                self._progress.finish(self.last_metrics["data"])
         finally:
-            if bar is not None:
-                bar.close()
+            if self._progress is not None:
+                self._progress.close()
             self._progress = None
             if log_f is not None:
                 log_f.close()
             self.run.close()  # the out_dir lock: released at the end of the run, whatever ended it
         return self.last_metrics
 
-    def _train_epoch(self, bar, log_f) -> None:
+    def _train_epoch(self, log_f) -> None:
         t, accum = self.recipe.train, self.recipe.train.grad_accum
         spe = self.steps_per_epoch
         epoch_end_step = min((self.epoch + 1) * spe, self.total_steps)
@@ -352,8 +353,8 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            if bar is not None:
-                bar.update(1)
+            if self._progress is not None:
+                self._progress.update(1)
             if self.step % t.log_every == 0 or self.step == epoch_end_step:
                 dt = time.perf_counter() - t0
                 if self.info.enabled:  # mean over ranks: one small all-reduce per log line
@@ -363,7 +364,7 @@ class Trainer:
                 rec = {k: round(float(v) / n_logged, 5) for k, v in sums.items()}  # sync: once per log_every
                 rec.update(step=self.step, epoch=self.epoch, lr=lr, alpha=round(alpha, 5),
                            img_per_sec=round(images / max(dt, 1e-9), 2), data=self._data_stats())
-                self._log(rec, bar, log_f)
+                self._log(rec, log_f)
                 sums, n_logged, t0, images = {}, 0, time.perf_counter(), 0
             if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step != epoch_end_step:
                 self.save()
@@ -387,7 +388,7 @@ class Trainer:
             metrics = self.task.evaluate(self.model, self.recipe, rank=self.info.rank,
                                          world_size=self.info.world_size, amp_dtype=self.amp_dtype)
         self.model.train()
-        self._log({"eval": metrics, "step": self.step, "epoch": epoch}, None, log_f)
+        self._log({"eval": metrics, "step": self.step, "epoch": epoch}, log_f)
         self.last_metrics.update({f"eval_{k}": v for k, v in metrics.items()})
         return metrics
 
@@ -413,16 +414,16 @@ class Trainer:
         s = getattr(self.loader, "stats", None) or {}
         return {"ok": s.get("ok", 0), "skipped": dict(s.get("skipped", {}))}
 
-    def _log(self, rec: dict, bar, log_f) -> None:
+    def _log(self, rec: dict, log_f) -> None:
         """One record of the run: log.jsonl (every record), then the bar or a log line and the TensorBoard
-        scalars (``self._progress``, rank 0; ``bar`` is the same object or None, kept for the callers)."""
+        scalars (``self._progress``: rank 0 during ``fit``)."""
         if "eval" not in rec:
             self.last_metrics.update({k: v for k, v in rec.items() if k.endswith("loss")})
             self.last_metrics["step"] = rec["step"]
         if log_f is not None:
             log_f.write(json.dumps(rec) + "\n")
             log_f.flush()
-        if getattr(self, "_progress", None) is not None:
+        if self._progress is not None:
             self._progress.record(rec)
 
 
